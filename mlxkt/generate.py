@@ -1,0 +1,158 @@
+"""Generation: prefill and decode as explicit steps, streamed as mlx-lm's GenerationResponse."""
+
+import time
+from typing import Callable, Generator, Iterable, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import GenerationResponse
+from mlx_lm.sample_utils import make_sampler
+
+PREFILL_STEP = 512  # chunked prefill bounds activation memory on long prompts
+
+
+def prefill(model: nn.Module, tokens: mx.array, cache: list, step: int = PREFILL_STEP):
+    """Run all but the last prompt token through the model, filling the cache in chunks."""
+    # tokens: [L] -> returns the last token [1] still to be decoded
+    while tokens.size > 1:
+        n = min(step, tokens.size - 1)
+        model(tokens[None, :n], cache=cache)
+        mx.eval([c.state for c in cache])
+        tokens = tokens[n:]
+    return tokens
+
+
+def decode_step(model, tokens, cache, sampler, logits_processors=None, history=None):
+    """One forward over `tokens` [L]; sample the next token from the last position."""
+    logits = model(tokens[None], cache=cache)[:, -1, :]  # [1, vocab]
+    if logits_processors:
+        for p in logits_processors:
+            logits = p(history, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sampler(logprobs), logprobs.squeeze(0)
+
+
+def generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Callable] = None,
+    logits_processors: Optional[List[Callable]] = None,
+    prompt_cache: Optional[list] = None,
+    prefill_step_size: int = PREFILL_STEP,
+) -> Generator:
+    """Yield (token, logprobs) pairs. Decode is pipelined: step n+1 is queued before
+    step n's token is read back, so the GPU never waits for Python."""
+    sampler = sampler or make_sampler(0.0)
+    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    history = prompt if logits_processors else None
+    y = prefill(model, prompt, cache, prefill_step_size)
+
+    def step(y):
+        nonlocal history
+        tok, lp = decode_step(model, y, cache, sampler, logits_processors, history)
+        if logits_processors:
+            history = mx.concatenate([history, tok])
+        return tok, lp
+
+    y, logprobs = step(y)
+    mx.async_eval(y, logprobs)
+    n = 0
+    while max_tokens < 0 or n < max_tokens:
+        if n + 1 != max_tokens:
+            next_y, next_lp = step(y)
+            mx.async_eval(next_y, next_lp)
+        yield y.item(), logprobs
+        n += 1
+        if n == max_tokens:
+            break
+        y, logprobs = next_y, next_lp
+
+
+def _as_tokens(tokenizer, prompt) -> mx.array:
+    if isinstance(prompt, str):
+        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+    return prompt if isinstance(prompt, mx.array) else mx.array(prompt)
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: Union[str, mx.array, Sequence[int]],
+    max_tokens: int = 256,
+    stop_strings: Iterable[str] = (),
+    **kwargs,
+) -> Generator[GenerationResponse, None, None]:
+    """Stream text segments with mlx-lm's statistics. kwargs go to generate_step."""
+    tokens = _as_tokens(tokenizer, prompt)
+    detok = tokenizer.detokenizer
+    detok.reset()
+    stops = [s for s in stop_strings if s]
+    text = ""
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    n = 0
+    finish = None
+    for n, (token, logprobs) in enumerate(
+        generate_step(tokens, model, max_tokens=max_tokens, **kwargs), start=1
+    ):
+        if n == 1:
+            prompt_tps = tokens.size / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        if token in tokenizer.eos_token_ids:
+            finish = "stop"
+        else:
+            detok.add_token(token)
+        segment = detok.last_segment
+        if stops and segment:
+            emitted = len(text)
+            text += segment
+            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+            if hits:
+                segment = text[emitted : max(emitted, min(hits))]
+                finish = "stop"
+        if finish is None and n == max_tokens:
+            finish = "length"
+        if finish is not None:
+            detok.finalize()
+            if finish == "length" or token in tokenizer.eos_token_ids:
+                segment += detok.last_segment
+        yield GenerationResponse(
+            text=segment,
+            token=token,
+            logprobs=logprobs,
+            from_draft=False,
+            prompt_tokens=tokens.size,
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=n / max(time.perf_counter() - tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+        )
+        if finish is not None:
+            break
+
+
+def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kw) -> str:
+    text = ""
+    last = None
+    for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kw):
+        text += r.text
+        last = r
+        if verbose:
+            print(r.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print_stats(last)
+    return text
+
+
+def print_stats(r: GenerationResponse, file=None) -> None:
+    import sys
+
+    file = file or sys.stderr
+    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
+    print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)

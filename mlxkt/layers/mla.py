@@ -1,0 +1,105 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) with absorbed weights and a compressed cache.
+
+The cache holds, per token and layer, only the normalised kv latent (kv_lora_rank) and the
+roped shared key (qk_rope_head_dim), never per-head K/V. For few query tokens (decode, MTP
+verification) the up-projections are absorbed into the query and the output, so attention
+runs directly over the latent; for long prefills expanding K/V per head is cheaper.
+"""
+
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.mla import MultiLinear
+from mlx_lm.models.rope_utils import apply_yarn_mscale, initialize_rope
+
+from ..config import ModelArgs
+
+# Query lengths up to this use the absorbed path.
+ABSORB_MAX_L = 16
+
+
+def split_kv_b(w: mx.array, num_heads: int, qk_nope_head_dim: int):
+    """kv_b_proj.weight [H*(nope+v), r] -> embed_q [H, r, nope], unembed_out [H, v, r]."""
+    w = w.reshape(num_heads, -1, w.shape[-1])  # [H, nope+v, r]
+    embed_q = mx.contiguous(w[:, :qk_nope_head_dim, :].swapaxes(-1, -2))
+    unembed_out = mx.contiguous(w[:, qk_nope_head_dim:, :])
+    return embed_q, unembed_out
+
+
+class MLAttention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads = H = args.num_attention_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.qk_nope_head_dim = args.qk_nope_head_dim
+        self.qk_rope_head_dim = args.qk_rope_head_dim
+        self.kv_lora_rank = args.kv_lora_rank
+        self.q_head_dim = args.qk_nope_head_dim + args.qk_rope_head_dim
+        D, bias = args.hidden_size, args.attention_bias
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.q_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = nn.RMSNorm(self.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.q_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            D, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias
+        )
+        self.kv_a_layernorm = nn.RMSNorm(self.kv_lora_rank, eps=1e-6)
+        self.embed_q = MultiLinear(self.qk_nope_head_dim, self.kv_lora_rank, H)
+        self.unembed_out = MultiLinear(self.kv_lora_rank, args.v_head_dim, H)
+        self.o_proj = nn.Linear(H * args.v_head_dim, D, bias=bias)
+
+        # YaRN: mscale enters the softmax scale too (squared), as in DeepSeek's code.
+        self.scale = apply_yarn_mscale(self.q_head_dim**-0.5, args.rope_scaling)
+        self.rope = initialize_rope(
+            self.qk_rope_head_dim,
+            base=args.rope_theta,
+            traditional=True,
+            scaling_config=args.rope_scaling,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Any = None):
+        B, L, _ = x.shape  # x: [B, L, D]
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(B, L, self.num_heads, self.q_head_dim).transpose(0, 2, 1, 3)
+        q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)  # [B, H, L, *]
+
+        kv = self.kv_a_proj_with_mqa(x)
+        latent, k_pe = mx.split(kv, [self.kv_lora_rank], axis=-1)
+        latent = self.kv_a_layernorm(latent)[:, None]  # [B, 1, L, r]
+        k_pe = k_pe.reshape(B, 1, L, self.qk_rope_head_dim)  # [B, 1, L, rope]
+
+        offset = cache.offset if cache is not None else 0
+        q_pe = self.rope(q_pe, offset)
+        k_pe = self.rope(k_pe, offset)
+        if cache is not None:
+            latent, k_pe = cache.update_and_fetch(latent, k_pe)  # [B, 1, S, *]
+
+        # The rope part of the scores, with the causal mask folded in, is passed to SDPA
+        # as an additive mask so the nope part can run in whichever space is cheaper.
+        pe_scores = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)  # [B, H, L, S]
+        if mask is not None:
+            neg = mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype)
+            pe_scores = mx.where(mask, pe_scores, neg)
+
+        if L <= ABSORB_MAX_L:
+            q_lat = self.embed_q(q_nope)  # [B, H, L, r]
+            out = mx.fast.scaled_dot_product_attention(
+                q_lat, latent, latent, scale=self.scale, mask=pe_scores
+            )  # [B, H, L, r]
+            out = self.unembed_out(out)  # [B, H, L, v]
+        else:
+            k = self.embed_q(latent, transpose=False)  # [B, H, S, nope]
+            v = self.unembed_out(latent)  # [B, H, S, v]
+            out = mx.fast.scaled_dot_product_attention(
+                q_nope, k, v, scale=self.scale, mask=pe_scores
+            )
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out)

@@ -1,0 +1,103 @@
+"""Routers and MoE blocks shared by the DeepSeek and Mixtral models."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelArgs
+from .experts import RoutedExperts
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP (dense layers and shared experts)."""
+
+    def __init__(self, dims: int, hidden_dims: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden_dims, bias=False)
+        self.up_proj = nn.Linear(dims, hidden_dims, bias=False)
+        self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DeepseekGate(nn.Module):
+    """Top-k routing: softmax (V2) or sigmoid + bias (V3 `noaux_tc`), optionally group-limited."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E = args.n_routed_experts
+        self.top_k = args.num_experts_per_tok
+        self.scoring_func = args.scoring_func
+        self.topk_method = args.topk_method
+        self.n_group = args.n_group or 1
+        self.topk_group = args.topk_group or self.n_group
+        self.norm_topk_prob = args.norm_topk_prob
+        self.routed_scaling_factor = args.routed_scaling_factor
+        self.weight = mx.zeros((E, args.hidden_size))
+        if self.topk_method == "noaux_tc":
+            # Kept in float32: it decides close calls between experts.
+            self.e_score_correction_bias = mx.zeros((E,), dtype=mx.float32)
+
+    def __call__(self, x):
+        # x: [..., D] -> inds [..., K] (int), weights [..., K] (float32)
+        logits = (x @ self.weight.T).astype(mx.float32)
+        if self.scoring_func == "sigmoid":
+            scores = mx.sigmoid(logits)
+        else:
+            scores = mx.softmax(logits, axis=-1, precise=True)
+        choice = scores
+        if self.topk_method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias
+        if self.n_group > 1 and self.topk_method in ("noaux_tc", "group_limited_greedy"):
+            grouped = mx.unflatten(choice, -1, (self.n_group, -1))  # [..., G, E/G]
+            if self.topk_method == "noaux_tc":
+                group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)
+            else:
+                group_scores = grouped.max(axis=-1)
+            drop = self.n_group - self.topk_group
+            if drop > 0:
+                dropped = mx.argpartition(group_scores, kth=drop - 1, axis=-1)[..., :drop]
+                neg = mx.array(-float("inf"), choice.dtype)
+                grouped = mx.put_along_axis(grouped, dropped[..., None], neg, axis=-2)
+            choice = mx.flatten(grouped, -2, -1)
+        k = self.top_k
+        inds = mx.argpartition(-choice, kth=k - 1, axis=-1)[..., :k]
+        weights = mx.take_along_axis(scores, inds, axis=-1)
+        if k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+        return inds, weights * self.routed_scaling_factor
+
+
+class DeepseekMoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        I = args.moe_intermediate_size
+        self.gate = DeepseekGate(args)
+        self.switch_mlp = RoutedExperts(args.hidden_size, I, args.n_routed_experts)
+        if args.n_shared_experts:
+            self.shared_experts = MLP(args.hidden_size, I * args.n_shared_experts)
+
+    def __call__(self, x):
+        inds, weights = self.gate(x)
+        y = self.switch_mlp(x, inds, weights)
+        if "shared_experts" in self:
+            y = y + self.shared_experts(x)
+        return y
+
+
+class MixtralMoE(nn.Module):
+    """Mixtral's sparse block: softmax over the top-k router logits."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        E = args.num_local_experts
+        self.gate = nn.Linear(args.hidden_size, E, bias=False)
+        self.switch_mlp = RoutedExperts(args.hidden_size, args.intermediate_size, E)
+
+    def __call__(self, x):
+        logits = self.gate(x).astype(mx.float32)
+        k = self.top_k
+        inds = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+        weights = mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1)
+        return self.switch_mlp(x, inds, weights)
