@@ -77,6 +77,35 @@ def _as_tokens(tokenizer, prompt) -> mx.array:
     return prompt if isinstance(prompt, mx.array) else mx.array(prompt)
 
 
+class StopMatcher:
+    """Holds back text that may be the start of a stop string, so none is ever emitted."""
+
+    def __init__(self, stop_strings: Iterable[str]):
+        self.stops = [s for s in stop_strings if s]
+        self.text, self.emitted = "", 0
+
+    def push(self, segment: str, final: bool = False):
+        """-> (text safe to emit now, whether a stop string was hit)."""
+        if not self.stops:
+            return segment, False
+        self.text += segment
+        hits = [i for i in (self.text.find(s, max(0, self.emitted - len(s))) for s in self.stops) if i >= 0]
+        end = min(hits) if hits else len(self.text)
+        if not hits and not final:
+            end -= max(_overlap(self.text, s) for s in self.stops)
+        out = self.text[self.emitted : max(end, self.emitted)]
+        self.emitted = max(end, self.emitted)
+        return out, bool(hits)
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of stop."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer,
@@ -89,11 +118,9 @@ def stream_generate(
     tokens = _as_tokens(tokenizer, prompt)
     detok = tokenizer.detokenizer
     detok.reset()
-    stops = [s for s in stop_strings if s]
-    text = ""
+    stops = StopMatcher(stop_strings)
     tic = time.perf_counter()
     prompt_tps = 0.0
-    n = 0
     finish = None
     for n, (token, logprobs) in enumerate(
         generate_step(tokens, model, max_tokens=max_tokens, **kwargs), start=1
@@ -105,20 +132,13 @@ def stream_generate(
             finish = "stop"
         else:
             detok.add_token(token)
-        segment = detok.last_segment
-        if stops and segment:
-            emitted = len(text)
-            text += segment
-            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-            if hits:
-                segment = text[emitted : max(emitted, min(hits))]
-                finish = "stop"
         if finish is None and n == max_tokens:
             finish = "length"
         if finish is not None:
             detok.finalize()
-            if finish == "length" or token in tokenizer.eos_token_ids:
-                segment += detok.last_segment
+        segment, hit = stops.push(detok.last_segment, final=finish is not None)
+        if hit:
+            finish = "stop"
         yield GenerationResponse(
             text=segment,
             token=token,

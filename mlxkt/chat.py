@@ -1,0 +1,145 @@
+"""Prompt rendering, `mlxkt generate` and the multi-turn `mlxkt chat` loop."""
+
+import sys
+from typing import List, Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import trim_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from .device import wired_limit
+from .generate import print_stats, stream_generate
+from .thinking import ThinkingSplitter, prompt_opens_thinking
+
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def render(tokenizer, messages: List[dict], use_template: bool = True) -> str:
+    """Chat template if the model has one; otherwise the plain concatenated text."""
+    if use_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages)
+
+
+def encode(tokenizer, text: str) -> List[int]:
+    bos = tokenizer.bos_token
+    # Templates already start with BOS; a plain prompt gets it from the tokenizer.
+    return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+
+def model_bytes(model) -> int:
+    from mlx.utils import tree_reduce
+
+    return tree_reduce(lambda a, x: a + x.nbytes, model.parameters(), 0)
+
+
+class ThinkingPrinter:
+    """Writes streamed text, R1's thinking dimmed (or hidden) and the answer plain."""
+
+    def __init__(self, in_thinking: bool, hide: bool, out=sys.stdout):
+        self.split = ThinkingSplitter(in_thinking)
+        self.hide, self.out = hide, out
+        self.color = out.isatty()
+
+    def write(self, text: str, final: bool = False):
+        pieces = list(self.split.feed(text)) + (list(self.split.flush()) if final else [])
+        for kind, piece in pieces:
+            if kind == "thinking":
+                if self.hide:
+                    continue
+                piece = f"{DIM}{piece}{RESET}" if self.color else piece
+            self.out.write(piece)
+        self.out.flush()
+
+
+def run_generate(model_path: str, prompt: str, *, system=None, use_template=True,
+                 max_tokens=256, sampler_args=None, seed=None, hide_thinking=False, **gen_kw):
+    from .loader import load
+
+    if seed is not None:
+        mx.random.seed(seed)
+    model, tokenizer = load(model_path)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    text = render(tokenizer, messages, use_template)
+    printer = ThinkingPrinter(prompt_opens_thinking(text), hide_thinking)
+    last = None
+    with wired_limit(model_bytes(model)):
+        for r in stream_generate(model, tokenizer, encode(tokenizer, text), max_tokens=max_tokens,
+                                 sampler=make_sampler(**(sampler_args or {})), **gen_kw):
+            printer.write(r.text, final=r.finish_reason is not None)
+            last = r
+    print()
+    if last is not None:
+        print_stats(last)
+
+
+class ChatSession:
+    """Keeps the KV cache between turns; only the new suffix of the prompt is prefilled."""
+
+    def __init__(self, model, tokenizer, system: Optional[str] = None, use_template=True):
+        self.model, self.tokenizer = model, tokenizer
+        self.messages = [{"role": "system", "content": system}] if system else []
+        self.use_template = use_template
+        self.cache = model.make_cache()
+        self.cached: List[int] = []  # tokens whose K/V are in the cache
+
+    def ask(self, user_text: str, max_tokens: int, sampler, **gen_kw):
+        self.messages.append({"role": "user", "content": user_text})
+        text = render(self.tokenizer, self.messages, self.use_template)
+        tokens = encode(self.tokenizer, text)
+        # Reuse the longest cached prefix; templates may re-render history differently.
+        p = 0
+        while p < min(len(tokens) - 1, len(self.cached)) and tokens[p] == self.cached[p]:
+            p += 1
+        trim_prompt_cache(self.cache, len(self.cached) - p)
+        self.cached = tokens[:]
+        reply = []
+        for r in stream_generate(self.model, self.tokenizer, tokens[p:], max_tokens=max_tokens,
+                                 sampler=sampler, prompt_cache=self.cache, **gen_kw):
+            reply.append(r)
+            yield r
+        # The last sampled token was returned but never fed back through the model.
+        self.cached += [r.token for r in reply[:-1]]
+        answer = "".join(r.text for r in reply)
+        self.messages.append({"role": "assistant", "content": answer})
+
+
+def run_chat(model_path: str, *, system=None, use_template=True, max_tokens=1024,
+             sampler_args=None, seed=None, hide_thinking=False, **gen_kw):
+    from .loader import load
+
+    if seed is not None:
+        mx.random.seed(seed)
+    model, tokenizer = load(model_path)
+    session = ChatSession(model, tokenizer, system, use_template)
+    sampler = make_sampler(**(sampler_args or {}))
+    print("mlxkt chat: type a message; /reset clears the history, /quit or Ctrl-D exits.",
+          file=sys.stderr)
+    with wired_limit(model_bytes(model)):
+        while True:
+            try:
+                line = input(">>> ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return
+            if line.strip() in ("/quit", "/exit"):
+                return
+            if line.strip() == "/reset":
+                session = ChatSession(model, tokenizer, system, use_template)
+                continue
+            if not line.strip():
+                continue
+            text = render(tokenizer, session.messages + [{"role": "user", "content": line}],
+                          use_template)
+            printer = ThinkingPrinter(prompt_opens_thinking(text), hide_thinking)
+            last = None
+            for r in session.ask(line, max_tokens, sampler, **gen_kw):
+                printer.write(r.text, final=r.finish_reason is not None)
+                last = r
+            print()
+            if last is not None:
+                print_stats(last)

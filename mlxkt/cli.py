@@ -1,0 +1,125 @@
+"""The `mlxkt` command line. Each command imports its implementation lazily so that
+`mlxkt --help` never loads MLX."""
+
+import importlib
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    help="mlxkt: DeepSeek-class mixture-of-experts inference on MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelOpt = typer.Option(..., "--model", "-m", help="Converted MLX model directory.")
+
+
+def _sampler_args(temp, top_p, top_k, min_p):
+    return dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+
+
+def _fail(e: Exception):
+    typer.echo(f"mlxkt: error: {e}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def generate(
+    model: str = ModelOpt,
+    prompt: str = typer.Option("-", "--prompt", "-p", help="Prompt text, or - for stdin."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
+    temp: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    min_p: float = typer.Option(0.0),
+    seed: Optional[int] = typer.Option(None),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    no_chat_template: bool = typer.Option(False, help="Send the prompt as is."),
+    hide_thinking: bool = typer.Option(False, help="Do not print R1's <think> section."),
+):
+    """Generate text from a prompt; text to stdout, statistics to stderr."""
+    from .chat import run_generate
+    from .loader import ModelLoadError
+
+    try:
+        run_generate(model, prompt, system=system, use_template=not no_chat_template,
+                     max_tokens=max_tokens, sampler_args=_sampler_args(temp, top_p, top_k, min_p),
+                     seed=seed, hide_thinking=hide_thinking)
+    except (ModelLoadError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+
+
+@app.command()
+def chat(
+    model: str = ModelOpt,
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n"),
+    temp: float = typer.Option(0.6),
+    top_p: float = typer.Option(0.95),
+    top_k: int = typer.Option(0),
+    min_p: float = typer.Option(0.0),
+    seed: Optional[int] = typer.Option(None),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    no_chat_template: bool = typer.Option(False),
+    hide_thinking: bool = typer.Option(False, help="Do not print R1's <think> section."),
+):
+    """Multi-turn chat that keeps the KV cache between turns."""
+    from .chat import run_chat
+    from .loader import ModelLoadError
+
+    try:
+        run_chat(model, system=system, use_template=not no_chat_template, max_tokens=max_tokens,
+                 sampler_args=_sampler_args(temp, top_p, top_k, min_p), seed=seed,
+                 hide_thinking=hide_thinking)
+    except (ModelLoadError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+
+
+@app.command()
+def info(model: str = ModelOpt, json_out: bool = typer.Option(False, "--json")):
+    """Parameters, bytes, bits per weight, KV bytes per token, and whether it fits here."""
+    import json
+
+    from .device import memory_bytes
+    from .info import format_info, model_info
+
+    try:
+        data = model_info(model)
+    except (OSError, ValueError, KeyError) as e:
+        _fail(e)
+    mem = memory_bytes()
+    typer.echo(json.dumps({**data, "machine_memory": mem}) if json_out else format_info(data, mem))
+
+
+@app.command()
+def demo(
+    workdir: Optional[str] = typer.Option(None, help="Keep the demo files here."),
+    max_tokens: int = typer.Option(32, "--max-tokens", "-n"),
+):
+    """Build a tiny random DeepSeek-V3 checkpoint (FP8, released layout), convert, generate."""
+    from .demo import run_demo
+
+    run_demo(workdir, max_tokens)
+
+
+# Commands implemented by other subpackages: (name, module, function).
+EXTERNAL = [
+    ("convert", "mlxkt.convert.cli", "convert_command"),
+    ("serve", "mlxkt.server.cli", "serve_command"),
+    ("selftest", "mlxkt.kernels.cli", "selftest_command"),
+]
+for _name, _mod, _fn in EXTERNAL:
+    try:
+        app.command(_name)(getattr(importlib.import_module(_mod), _fn))
+    except ImportError:  # that part of the package is not installed
+        pass
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Engine behaviour on random tiny models: caches, chunked prefill, absorbed MLA, stops."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from mlxkt.chat import ChatSession, encode, render
+from mlxkt.demo import write_tokenizer
+from mlxkt.generate import generate_step, stream_generate
+from mlxkt.layers import mla
+from tiny_models import deepseek_tiny, mixtral_tiny
+
+
+@pytest.fixture(scope="module", params=["deepseek", "mixtral"])
+def model(request):
+    return deepseek_tiny() if request.param == "deepseek" else mixtral_tiny()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    write_tokenizer(d)
+    return load_tokenizer(d)
+
+
+def greedy_without_cache(model, prompt, n):
+    toks = list(prompt)
+    for _ in range(n):
+        logits = model(mx.array([toks]))[0, -1]
+        toks.append(int(mx.argmax(logits)))
+    return toks[len(prompt):]
+
+
+def test_cached_decode_matches_full_recompute(model):
+    prompt = [5, 17, 99, 42, 7, 250, 31]
+    got = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=12)]
+    assert got == greedy_without_cache(model, prompt, 12)
+
+
+def test_chunked_prefill_same_logits(model):
+    prompt = mx.array(np.random.default_rng(1).integers(4, 300, 40))
+    one = [t for t, _ in generate_step(prompt, model, max_tokens=6)]
+    chunked = [t for t, _ in generate_step(prompt, model, max_tokens=6, prefill_step_size=7)]
+    assert one == chunked
+
+
+def test_incremental_logits_close(model):
+    toks = mx.array(np.random.default_rng(2).integers(4, 300, (1, 24)))
+    full = model(toks)
+    cache = model.make_cache()
+    model(toks[:, :20], cache=cache)
+    steps = [model(toks[:, i : i + 1], cache=cache) for i in range(20, 24)]
+    inc = mx.concatenate(steps, axis=1)
+    assert mx.abs(inc - full[:, 20:]).max().item() < 1e-4
+
+
+def test_absorbed_and_expanded_mla_agree(monkeypatch):
+    model = deepseek_tiny()
+    toks = mx.array(np.random.default_rng(3).integers(4, 300, (1, 20)))
+    monkeypatch.setattr(mla, "ABSORB_MAX_L", 0)
+    expanded = model(toks)
+    monkeypatch.setattr(mla, "ABSORB_MAX_L", 10**6)
+    absorbed = model(toks)
+    assert mx.abs(expanded - absorbed).max().item() < 1e-4
+
+
+def test_mla_cache_is_compressed():
+    model = deepseek_tiny()
+    cache = model.make_cache()
+    model(mx.array([[5, 6, 7]]), cache=cache)
+    a = model.args
+    keys, values = cache[0].state[0], cache[0].state[1]
+    assert keys.shape[1] == 1 and keys.shape[-1] == a.kv_lora_rank
+    assert values.shape[1] == 1 and values.shape[-1] == a.qk_rope_head_dim
+
+
+def test_stop_string_cuts_text(tokenizer):
+    model = deepseek_tiny()
+    full = "".join(r.text for r in stream_generate(model, tokenizer, "abc", max_tokens=20))
+    assert len(full) > 4
+    stop = full[3:5]
+    cut = list(stream_generate(model, tokenizer, "abc", max_tokens=20, stop_strings=[stop]))
+    text = "".join(r.text for r in cut)
+    assert text == full[: full.find(stop)] and cut[-1].finish_reason == "stop"
+
+
+def test_length_finish_and_stats(tokenizer):
+    model = deepseek_tiny()
+    rs = list(stream_generate(model, tokenizer, "hello", max_tokens=5))
+    assert len(rs) == 5 and rs[-1].finish_reason == "length"
+    assert rs[-1].generation_tokens == 5 and rs[-1].prompt_tokens == len(tokenizer.encode("hello"))
+
+
+def test_chat_session_reuses_cache_and_matches_fresh(tokenizer):
+    model = deepseek_tiny()
+    greedy = lambda lp: mx.argmax(lp, axis=-1)
+    s = ChatSession(model, tokenizer)
+    first = "".join(r.text for r in s.ask("hi there", 8, greedy))
+    cached_before = len(s.cached)
+    second = [r.token for r in s.ask("and again", 8, greedy)]
+    assert cached_before > 0
+    # A fresh run over the whole rendered conversation must give the same tokens.
+    msgs = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": first},
+            {"role": "user", "content": "and again"}]
+    fresh = [r.token for r in stream_generate(
+        model, tokenizer, encode(tokenizer, render(tokenizer, msgs)), max_tokens=8, sampler=greedy)]
+    assert second == fresh
