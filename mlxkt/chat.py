@@ -95,15 +95,16 @@ class ChatSession:
         p = 0
         while p < min(len(tokens) - 1, len(self.cached)) and tokens[p] == self.cached[p]:
             p += 1
+        if "mtp" in self.model:
+            p = max(p - 1, 0)  # the MTP entry at p-1 depends on token p, which may change
         trim_prompt_cache(self.cache, len(self.cached) - p)
-        self.cached = tokens[:]
         reply = []
         for r in stream_generate(self.model, self.tokenizer, tokens[p:], max_tokens=max_tokens,
                                  sampler=sampler, prompt_cache=self.cache, **gen_kw):
             reply.append(r)
             yield r
-        # The last sampled token was returned but never fed back through the model.
-        self.cached += [r.token for r in reply[:-1]]
+        # The cache holds a prefix of prompt + reply (the last token is never fed back).
+        self.cached = (tokens + [r.token for r in reply])[: self.cache[0].offset]
         answer = "".join(r.text for r in reply)
         self.messages.append({"role": "assistant", "content": answer})
 

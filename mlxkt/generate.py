@@ -6,7 +6,9 @@ from typing import Callable, Generator, Iterable, List, Optional, Sequence, Unio
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse
-from mlx_lm.sample_utils import make_sampler
+
+from .sampling import Sampling
+from .speculative import SpecStats, mtp_generate_step
 
 PREFILL_STEP = 512  # chunked prefill bounds activation memory on long prompts
 
@@ -38,13 +40,27 @@ def generate_step(
     *,
     max_tokens: int = 256,
     sampler: Optional[Callable] = None,
+    sampling: Optional[Sampling] = None,
     logits_processors: Optional[List[Callable]] = None,
     prompt_cache: Optional[list] = None,
     prefill_step_size: int = PREFILL_STEP,
+    mtp: bool = True,
+    draft_tokens: int = 1,
+    spec_stats: Optional[SpecStats] = None,
 ) -> Generator:
-    """Yield (token, logprobs) pairs. Decode is pipelined: step n+1 is queued before
-    step n's token is read back, so the GPU never waits for Python."""
-    sampler = sampler or make_sampler(0.0)
+    """Yield (token, logprobs, from_draft).
+
+    Models with an MTP layer attached decode speculatively (exact for greedy and for
+    `sampling`; a custom `sampler` or logits processors fall back to plain decoding).
+    Plain decode is pipelined: step n+1 is queued before step n's token is read back.
+    """
+    if mtp and "mtp" in model and not logits_processors and (sampling or sampler is None):
+        yield from mtp_generate_step(
+            prompt, model, max_tokens=max_tokens, sampling=sampling or Sampling(),
+            prompt_cache=prompt_cache, draft_tokens=draft_tokens,
+            prefill_step_size=prefill_step_size, stats=spec_stats)
+        return
+    sampler = sampler or (sampling or Sampling()).sampler()
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     history = prompt if logits_processors else None
     y = prefill(model, prompt, cache, prefill_step_size)
@@ -63,7 +79,7 @@ def generate_step(
         if n + 1 != max_tokens:
             next_y, next_lp = step(y)
             mx.async_eval(next_y, next_lp)
-        yield y.item(), logprobs
+        yield y.item(), logprobs, False
         n += 1
         if n == max_tokens:
             break
@@ -122,7 +138,7 @@ def stream_generate(
     tic = time.perf_counter()
     prompt_tps = 0.0
     finish = None
-    for n, (token, logprobs) in enumerate(
+    for n, (token, logprobs, from_draft) in enumerate(
         generate_step(tokens, model, max_tokens=max_tokens, **kwargs), start=1
     ):
         if n == 1:
@@ -143,7 +159,7 @@ def stream_generate(
             text=segment,
             token=token,
             logprobs=logprobs,
-            from_draft=False,
+            from_draft=from_draft,
             prompt_tokens=tokens.size,
             prompt_tps=prompt_tps,
             generation_tokens=n,

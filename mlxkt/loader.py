@@ -6,11 +6,12 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
+from .loader_utils import cast_floats
 from .models import get_model_classes
+from .mtp import load_mtp
 from .safetensors_header import tensor_names
 
 
@@ -48,21 +49,11 @@ def default_dtype() -> Optional[mx.Dtype]:
     return mx.float32 if mx.default_device() == mx.cpu else None
 
 
-def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
-    keep = getattr(model, "cast_predicate", lambda k: True)
-
-    def cast(path, x):
-        if mx.issubdtype(x.dtype, mx.floating) and keep(path):
-            return x.astype(dtype)
-        return x
-
-    params = tree_flatten(model.parameters())
-    model.update(tree_unflatten([(k, cast(k, v)) for k, v in params]))
-
-
 def load(
-    path, lazy: bool = False, dtype: Optional[mx.Dtype] = None
+    path, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = True
 ) -> Tuple[nn.Module, TokenizerWrapper]:
+    """Load a converted model. `mtp=True` attaches the MTP layer when the directory has one
+    (generation then decodes speculatively)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"{path}: no such model directory")
@@ -71,7 +62,9 @@ def load(
     model, config = load_model(path, lazy=True, get_model_classes=get_model_classes)
     dtype = dtype or default_dtype()
     if dtype is not None:
-        cast_floats(model, dtype)
+        cast_floats(model, dtype, model.cast_predicate if hasattr(model, "cast_predicate") else None)
+    if mtp:
+        load_mtp(model, path, dtype)
     if not lazy:
         mx.eval(model.parameters())
     eos = config.get("eos_token_id")

@@ -34,14 +34,14 @@ def greedy_without_cache(model, prompt, n):
 
 def test_cached_decode_matches_full_recompute(model):
     prompt = [5, 17, 99, 42, 7, 250, 31]
-    got = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=12)]
+    got = [t for t, *_ in generate_step(mx.array(prompt), model, max_tokens=12)]
     assert got == greedy_without_cache(model, prompt, 12)
 
 
 def test_chunked_prefill_same_logits(model):
     prompt = mx.array(np.random.default_rng(1).integers(4, 300, 40))
-    one = [t for t, _ in generate_step(prompt, model, max_tokens=6)]
-    chunked = [t for t, _ in generate_step(prompt, model, max_tokens=6, prefill_step_size=7)]
+    one = [t for t, *_ in generate_step(prompt, model, max_tokens=6)]
+    chunked = [t for t, *_ in generate_step(prompt, model, max_tokens=6, prefill_step_size=7)]
     assert one == chunked
 
 

@@ -35,3 +35,20 @@ def deepseek_tiny(seed=0):
 
 def mixtral_tiny(seed=0):
     return random_model(MIXTRAL_CONFIG, seed)
+
+
+def attach_random_mtp(model, seed: int = 1):
+    """Give a DeepSeek model a random MTP layer (as load_mtp would attach a real one)."""
+    from mlxkt.mtp import MTP
+
+    mtp = MTP(model.args, 1)
+    mx.random.seed(seed)
+    params = []
+    for k, v in tree_flatten(mtp.parameters()):
+        scale = 0.1 if k.endswith("bias") else (v.shape[-1] ** -0.5 if v.ndim > 1 else 0.1)
+        base = 1.0 if k.endswith("norm.weight") else 0.0
+        params.append((k, (base + scale * mx.random.normal(v.shape)).astype(mx.float32)))
+    mtp.update(tree_unflatten(params))
+    model.mtp = mtp
+    mx.eval(mtp.parameters())
+    return model

@@ -76,7 +76,11 @@ class Model(nn.Module):
 
     def make_cache(self):
         # Per layer: keys = kv latent [B, 1, S, kv_lora_rank], values = k_pe [B, 1, S, rope].
-        return [KVCache() for _ in self.layers]
+        # With an MTP layer attached, its caches follow the main layers' (see speculative.py).
+        caches = [KVCache() for _ in self.layers]
+        if "mtp" in self:
+            caches += self.mtp.make_cache()
+        return caches
 
     @property
     def cast_predicate(self):
