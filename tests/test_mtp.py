@@ -100,12 +100,16 @@ def test_speculative_sampling_matches_target(sampling):
     lp = mx.array(np.log(rng.dirichlet(np.ones(5) * 2))[None].repeat(2, 0).astype(np.float32))
     target = np.exp(np.array(sampling.target_logprobs(lp[0])))
     mx.random.seed(0)
-    n = 6000
+    n = 3000
     counts = np.zeros(5)
     for d in (0, 3):  # a likely and an unlikely draft must both give p
-        draws = [_verify(lp, mx.array([d]), sampling)[1][0] for _ in range(n)]
-        got = np.bincount(np.array(mx.stack(draws)), minlength=5) / n
-        assert np.abs(got - target).max() < 0.025, (d, got, target)
+        draws = []
+        for _ in range(n // 500):  # build 500 lazy draws per eval: far fewer syncs
+            batch = mx.stack([_verify(lp, mx.array([d]), sampling)[1][0] for _ in range(500)])
+            mx.eval(batch)
+            draws.append(batch)
+        got = np.bincount(np.array(mx.concatenate(draws)), minlength=5) / n
+        assert np.abs(got - target).max() < 0.035, (d, got, target)
         counts += got
     assert counts.sum() == pytest.approx(2.0)
 
