@@ -5,10 +5,11 @@ from typing import List, Optional
 
 import mlx.core as mx
 from mlx_lm.models.cache import trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
 from .device import wired_limit
 from .generate import print_stats, stream_generate
+from .sampling import Sampling
+from .speculative import SpecStats
 from .thinking import ThinkingSplitter, prompt_opens_thinking
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -36,10 +37,10 @@ def model_bytes(model) -> int:
 class ThinkingPrinter:
     """Writes streamed text, R1's thinking dimmed (or hidden) and the answer plain."""
 
-    def __init__(self, in_thinking: bool, hide: bool, out=sys.stdout):
+    def __init__(self, in_thinking: bool, hide: bool, out=None):
         self.split = ThinkingSplitter(in_thinking)
-        self.hide, self.out = hide, out
-        self.color = out.isatty()
+        self.hide, self.out = hide, out or sys.stdout
+        self.color = self.out.isatty()
 
     def write(self, text: str, final: bool = False):
         pieces = list(self.split.feed(text)) + (list(self.split.flush()) if final else [])
@@ -52,13 +53,20 @@ class ThinkingPrinter:
         self.out.flush()
 
 
+def print_mtp_stats(st: SpecStats, file=None):
+    if st.cycles:
+        print(f"MTP: {st.acceptance:.1%} of drafts accepted, "
+              f"{st.mean_accepted_length:.2f} tokens per forward", file=file or sys.stderr)
+
+
 def run_generate(model_path: str, prompt: str, *, system=None, use_template=True,
-                 max_tokens=256, sampler_args=None, seed=None, hide_thinking=False, **gen_kw):
+                 max_tokens=256, sampling=Sampling(), seed=None, hide_thinking=False,
+                 mtp=True, draft_tokens=1):
     from .loader import load
 
     if seed is not None:
         mx.random.seed(seed)
-    model, tokenizer = load(model_path)
+    model, tokenizer = load(model_path, mtp=mtp)
     if prompt == "-":
         prompt = sys.stdin.read()
     messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -66,15 +74,16 @@ def run_generate(model_path: str, prompt: str, *, system=None, use_template=True
     ]
     text = render(tokenizer, messages, use_template)
     printer = ThinkingPrinter(prompt_opens_thinking(text), hide_thinking)
-    last = None
+    last, stats = None, SpecStats()
     with wired_limit(model_bytes(model)):
         for r in stream_generate(model, tokenizer, encode(tokenizer, text), max_tokens=max_tokens,
-                                 sampler=make_sampler(**(sampler_args or {})), **gen_kw):
+                                 sampling=sampling, draft_tokens=draft_tokens, spec_stats=stats):
             printer.write(r.text, final=r.finish_reason is not None)
             last = r
     print()
     if last is not None:
         print_stats(last)
+        print_mtp_stats(stats)
 
 
 class ChatSession:
@@ -87,7 +96,7 @@ class ChatSession:
         self.cache = model.make_cache()
         self.cached: List[int] = []  # tokens whose K/V are in the cache
 
-    def ask(self, user_text: str, max_tokens: int, sampler, **gen_kw):
+    def ask(self, user_text: str, max_tokens: int, sampling: Sampling = Sampling(), **gen_kw):
         self.messages.append({"role": "user", "content": user_text})
         text = render(self.tokenizer, self.messages, self.use_template)
         tokens = encode(self.tokenizer, text)
@@ -100,7 +109,7 @@ class ChatSession:
         trim_prompt_cache(self.cache, len(self.cached) - p)
         reply = []
         for r in stream_generate(self.model, self.tokenizer, tokens[p:], max_tokens=max_tokens,
-                                 sampler=sampler, prompt_cache=self.cache, **gen_kw):
+                                 sampling=sampling, prompt_cache=self.cache, **gen_kw):
             reply.append(r)
             yield r
         # The cache holds a prefix of prompt + reply (the last token is never fed back).
@@ -110,14 +119,13 @@ class ChatSession:
 
 
 def run_chat(model_path: str, *, system=None, use_template=True, max_tokens=1024,
-             sampler_args=None, seed=None, hide_thinking=False, **gen_kw):
+             sampling=Sampling(), seed=None, hide_thinking=False, mtp=True, draft_tokens=1):
     from .loader import load
 
     if seed is not None:
         mx.random.seed(seed)
-    model, tokenizer = load(model_path)
+    model, tokenizer = load(model_path, mtp=mtp)
     session = ChatSession(model, tokenizer, system, use_template)
-    sampler = make_sampler(**(sampler_args or {}))
     print("mlxkt chat: type a message; /reset clears the history, /quit or Ctrl-D exits.",
           file=sys.stderr)
     with wired_limit(model_bytes(model)):
@@ -137,10 +145,12 @@ def run_chat(model_path: str, *, system=None, use_template=True, max_tokens=1024
             text = render(tokenizer, session.messages + [{"role": "user", "content": line}],
                           use_template)
             printer = ThinkingPrinter(prompt_opens_thinking(text), hide_thinking)
-            last = None
-            for r in session.ask(line, max_tokens, sampler, **gen_kw):
+            last, stats = None, SpecStats()
+            for r in session.ask(line, max_tokens, sampling, draft_tokens=draft_tokens,
+                                 spec_stats=stats):
                 printer.write(r.text, final=r.finish_reason is not None)
                 last = r
             print()
             if last is not None:
                 print_stats(last)
+                print_mtp_stats(stats)

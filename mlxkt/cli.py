@@ -17,8 +17,21 @@ app = typer.Typer(
 ModelOpt = typer.Option(..., "--model", "-m", help="Converted MLX model directory.")
 
 
-def _sampler_args(temp, top_p, top_k, min_p):
-    return dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+def _sampling(temp, top_p, top_k, min_p):
+    from .sampling import Sampling
+
+    return Sampling(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+
+
+MtpOpt = typer.Option(True, "--mtp/--no-mtp", help="Speculative decoding with the model's MTP layer, when it has one.")
+DraftOpt = typer.Option(1, "--draft-tokens", min=1, max=8, help="Tokens the MTP layer drafts per step.")
+
+
+def _load_errors():
+    from .loader import ModelLoadError
+    from .models import UnsupportedModelError
+
+    return (ModelLoadError, UnsupportedModelError, FileNotFoundError)
 
 
 def _fail(e: Exception):
@@ -39,16 +52,17 @@ def generate(
     system: Optional[str] = typer.Option(None, help="System prompt."),
     no_chat_template: bool = typer.Option(False, help="Send the prompt as is."),
     hide_thinking: bool = typer.Option(False, help="Do not print R1's <think> section."),
+    mtp: bool = MtpOpt,
+    draft_tokens: int = DraftOpt,
 ):
     """Generate text from a prompt; text to stdout, statistics to stderr."""
     from .chat import run_generate
-    from .loader import ModelLoadError
 
     try:
         run_generate(model, prompt, system=system, use_template=not no_chat_template,
-                     max_tokens=max_tokens, sampler_args=_sampler_args(temp, top_p, top_k, min_p),
-                     seed=seed, hide_thinking=hide_thinking)
-    except (ModelLoadError, ValueError, FileNotFoundError) as e:
+                     max_tokens=max_tokens, sampling=_sampling(temp, top_p, top_k, min_p),
+                     seed=seed, hide_thinking=hide_thinking, mtp=mtp, draft_tokens=draft_tokens)
+    except _load_errors() as e:
         _fail(e)
 
 
@@ -64,16 +78,17 @@ def chat(
     system: Optional[str] = typer.Option(None, help="System prompt."),
     no_chat_template: bool = typer.Option(False),
     hide_thinking: bool = typer.Option(False, help="Do not print R1's <think> section."),
+    mtp: bool = MtpOpt,
+    draft_tokens: int = DraftOpt,
 ):
     """Multi-turn chat that keeps the KV cache between turns."""
     from .chat import run_chat
-    from .loader import ModelLoadError
 
     try:
         run_chat(model, system=system, use_template=not no_chat_template, max_tokens=max_tokens,
-                 sampler_args=_sampler_args(temp, top_p, top_k, min_p), seed=seed,
-                 hide_thinking=hide_thinking)
-    except (ModelLoadError, ValueError, FileNotFoundError) as e:
+                 sampling=_sampling(temp, top_p, top_k, min_p), seed=seed,
+                 hide_thinking=hide_thinking, mtp=mtp, draft_tokens=draft_tokens)
+    except _load_errors() as e:
         _fail(e)
 
 

@@ -162,3 +162,21 @@ def test_trained_fixture_acceptance(tmp_path):
           f"mean accepted length {st.mean_accepted_length:.2f}")
     assert spec == plain
     assert st.acceptance >= 0.65
+
+
+def test_chat_session_with_mtp_matches_plain(model, tmp_path):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from mlxkt.chat import ChatSession, encode, render
+    from mlxkt.demo import write_tokenizer
+
+    write_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    s = ChatSession(model, tok)
+    first = "".join(r.text for r in s.ask("hi there", 8))
+    second = [r.token for r in s.ask("and again", 8)]
+    assert {c.offset for c in s.cache} == {len(s.cached)}
+    msgs = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": first},
+            {"role": "user", "content": "and again"}]
+    prompt = mx.array(encode(tok, render(tok, msgs)))
+    assert second == [t for t, *_ in generate_step(prompt, model, max_tokens=8, mtp=False)]
