@@ -59,14 +59,19 @@ def print_mtp_stats(st: SpecStats, file=None):
               f"{st.mean_accepted_length:.2f} tokens per forward", file=file or sys.stderr)
 
 
+def default_mtp(mtp):
+    """None = auto: speculate on GPUs (memory-bound decode), not on CPUs (compute-bound)."""
+    return mx.default_device() != mx.cpu if mtp is None else mtp
+
+
 def run_generate(model_path: str, prompt: str, *, system=None, use_template=True,
                  max_tokens=256, sampling=Sampling(), seed=None, hide_thinking=False,
-                 mtp=True, draft_tokens=1):
+                 mtp=None, draft_tokens=1):
     from .loader import load
 
     if seed is not None:
         mx.random.seed(seed)
-    model, tokenizer = load(model_path, mtp=mtp)
+    model, tokenizer = load(model_path, mtp=default_mtp(mtp))
     if prompt == "-":
         prompt = sys.stdin.read()
     messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -119,12 +124,12 @@ class ChatSession:
 
 
 def run_chat(model_path: str, *, system=None, use_template=True, max_tokens=1024,
-             sampling=Sampling(), seed=None, hide_thinking=False, mtp=True, draft_tokens=1):
+             sampling=Sampling(), seed=None, hide_thinking=False, mtp=None, draft_tokens=1):
     from .loader import load
 
     if seed is not None:
         mx.random.seed(seed)
-    model, tokenizer = load(model_path, mtp=mtp)
+    model, tokenizer = load(model_path, mtp=default_mtp(mtp))
     session = ChatSession(model, tokenizer, system, use_template)
     print("mlxkt chat: type a message; /reset clears the history, /quit or Ctrl-D exits.",
           file=sys.stderr)

@@ -23,7 +23,10 @@ def _sampling(temp, top_p, top_k, min_p):
     return Sampling(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
 
 
-MtpOpt = typer.Option(True, "--mtp/--no-mtp", help="Speculative decoding with the model's MTP layer, when it has one.")
+MtpOpt = typer.Option(
+    None, "--mtp/--no-mtp", show_default="on GPUs",
+    help="Speculative decoding with the model's MTP layer, when it has one. Off by default on "
+    "CPUs, where MLX's matmul cost grows with the tokens verified at once.")
 DraftOpt = typer.Option(1, "--draft-tokens", min=1, max=8, help="Tokens the MTP layer drafts per step.")
 
 
@@ -52,7 +55,7 @@ def generate(
     system: Optional[str] = typer.Option(None, help="System prompt."),
     no_chat_template: bool = typer.Option(False, help="Send the prompt as is."),
     hide_thinking: bool = typer.Option(False, help="Do not print R1's <think> section."),
-    mtp: bool = MtpOpt,
+    mtp: Optional[bool] = MtpOpt,
     draft_tokens: int = DraftOpt,
 ):
     """Generate text from a prompt; text to stdout, statistics to stderr."""
@@ -78,7 +81,7 @@ def chat(
     system: Optional[str] = typer.Option(None, help="System prompt."),
     no_chat_template: bool = typer.Option(False),
     hide_thinking: bool = typer.Option(False, help="Do not print R1's <think> section."),
-    mtp: bool = MtpOpt,
+    mtp: Optional[bool] = MtpOpt,
     draft_tokens: int = DraftOpt,
 ):
     """Multi-turn chat that keeps the KV cache between turns."""

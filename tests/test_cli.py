@@ -46,7 +46,7 @@ def test_generate_streams_text_and_stats(converted):
 
 def test_generate_prompt_from_stdin_with_mtp_stats(converted):
     r = runner.invoke(app, ["generate", "-m", str(converted / "mlx"), "-p", "-", "-n", "10",
-                            "--temp", "0.8", "--seed", "1"], input="from stdin")
+                            "--temp", "0.8", "--seed", "1", "--mtp"], input="from stdin")
     assert r.exit_code == 0, r.output
     assert "MTP:" in r.stderr and "Generation: 10 tokens" in r.stderr
 

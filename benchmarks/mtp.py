@@ -1,0 +1,206 @@
+"""MTP speculative decoding benchmarks (JSON plus a table).
+
+  python benchmarks/mtp.py fixture --model DIR    plain vs MTP decode on a converted model
+                                                  (e.g. dsv3-code-tiny), same run
+  python benchmarks/mtp.py verify-cost            real DeepSeek-V3 widths: the cost of one
+                                                  verify step of 2 tokens vs a 1-token step,
+                                                  and the speed-up that implies for R1
+"""
+
+import argparse
+import json
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+HELD_OUT = '''import json
+from pathlib import Path
+
+
+class Config:
+    """Settings read from a JSON file."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.data = {}
+
+    def load(self):
+'''
+
+
+def bench_fixture(model_dir: str, tokens: int, repeats: int) -> dict:
+    import mlxkt
+    from mlxkt.generate import generate_step
+    from mlxkt.speculative import SpecStats
+
+    model, tok = mlxkt.load(model_dir)
+    if "mtp" not in model:
+        raise SystemExit(f"{model_dir} has no MTP layer (mtp.safetensors)")
+    prompt = mx.array(tok.encode(HELD_OUT))
+
+    def run(mtp):
+        st = SpecStats()
+        t0 = time.perf_counter()
+        out = [t for t, *_ in generate_step(prompt, model, max_tokens=tokens, mtp=mtp, spec_stats=st)]
+        return tokens / (time.perf_counter() - t0), out, st
+
+    run(False), run(True)  # warm up (kernel compilation on GPUs)
+    plain, spec = [], []
+    for _ in range(repeats):  # interleaved so drift hits both alike
+        plain.append(run(False))
+        spec.append(run(True))
+    best_plain = max(r[0] for r in plain)
+    best_spec = max(r[0] for r in spec)
+    st = spec[-1][2]
+    return {
+        "bench": "mtp-fixture", "model": model_dir, "device": str(mx.default_device()),
+        "tokens": tokens, "plain_tok_s": best_plain, "mtp_tok_s": best_spec,
+        "speedup": best_spec / best_plain, "acceptance": st.acceptance,
+        "mean_accepted_length": st.mean_accepted_length,
+        "identical_greedy": plain[-1][1] == spec[-1][1],
+    }
+
+
+def real_width_args(layers: int, experts: int):
+    from mlxkt.config import ModelArgs
+
+    return ModelArgs.from_dict({
+        "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
+        "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": layers,
+        "num_attention_heads": 128, "n_shared_experts": 1, "n_routed_experts": experts,
+        "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+        "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "qk_nope_head_dim": 128, "first_k_dense_replace": 0, "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid", "norm_topk_prob": True, "max_position_embeddings": 163840,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    })
+
+
+def randomize_quantized(module: nn.Module, bits: int, group_size: int, dtype=mx.bfloat16):
+    """Random 4-bit weights made directly in packed form: no float copy is ever built."""
+    def quantizable(p, m):
+        return hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0 and "gate" != p.split(".")[-1]
+
+    nn.quantize(module, group_size, bits, class_predicate=quantizable)
+    params = []
+    for k, v in tree_flatten(module.parameters()):
+        if v.dtype == mx.uint32:
+            r = mx.random.bits(v.shape)
+        elif k.endswith("scales"):
+            r = mx.random.uniform(0.002, 0.004, v.shape).astype(dtype)
+        elif k.endswith("biases"):
+            r = mx.random.uniform(-0.03, -0.02, v.shape).astype(dtype)
+        elif k.endswith("norm.weight"):
+            r = mx.ones(v.shape, dtype)
+        elif "e_score_correction_bias" in k:
+            r = mx.zeros(v.shape, mx.float32)
+        else:
+            r = (0.02 * mx.random.normal(v.shape)).astype(dtype)
+        params.append((k, r))
+        mx.eval(r)
+    module.update(tree_unflatten(params))
+
+
+def _time(fn, n: int) -> float:
+    fn()
+    mx.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    mx.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
+def bench_verify_cost(layers: int, experts: int, context: int, n: int, bits: int) -> dict:
+    from mlxkt.models.deepseek import Model
+    from mlxkt.mtp import MTP
+
+    mx.random.seed(0)
+    args = real_width_args(layers, experts)
+    model = Model(args)
+    randomize_quantized(model, bits, 64)
+    mtp = MTP(args, 1)
+    mtp.layers[0].embed_tokens = model.model.embed_tokens
+    mtp.layers[0].shared_head.head = model.lm_head
+    randomize_quantized(mtp, bits, 64)
+    model.mtp = mtp
+    cache = model.make_cache()
+    main, mcache = cache[:layers], cache[layers:]
+    ctx = mx.random.randint(0, args.vocab_size, (1, context))
+    for s in range(0, context, 512):
+        model(ctx[:, s : s + 512], cache=main)
+        mx.eval([c.state for c in main])
+    h0 = mx.zeros((1, context, args.hidden_size), mx.bfloat16)
+    mtp.layers[0](h0, ctx, mcache[0])
+    mx.eval([c.state for c in mcache])
+
+    def step(L, layer_fn, caches):
+        def f():
+            out = layer_fn(L)
+            mx.eval(out)
+            for c in caches:
+                c.trim(L)
+        return f
+
+    tok = lambda L: mx.random.randint(0, args.vocab_size, (1, L))
+    res = {"bench": "mtp-verify-cost", "device": str(mx.default_device()), "layers": layers,
+           "experts": experts, "top_k": 8, "bits": bits, "context": context, "ms": {}}
+    for L in (1, 2, 3, 4):
+        full = _time(step(L, lambda L: model(tok(L), cache=main), main), n)
+        m = _time(step(L, lambda L: mtp.layers[0](mx.zeros((1, L, args.hidden_size), mx.bfloat16), tok(L), mcache[0])[0], mcache), n)
+        res["ms"][L] = {"slice_forward": 1e3 * full, "mtp_layer": 1e3 * m}
+    # Per layer and head cost, extrapolated to R1's 61 layers.
+    head = {L: 1e3 * _time(lambda: mx.eval(model.lm_head(model.model.norm(mx.zeros((1, L, args.hidden_size), mx.bfloat16)))), n) for L in (1, 2)}
+    per_layer = {L: (res["ms"][L]["slice_forward"] - head[L]) / layers for L in (1, 2)}
+    plain = 61 * per_layer[1] + head[1]
+    cycle = 61 * per_layer[2] + head[2] + res["ms"][2]["mtp_layer"]
+    res["r1_estimate"] = {
+        "plain_step_ms": plain, "verify2_plus_mtp_ms": cycle, "verify2_over_step": (61 * per_layer[2] + head[2]) / plain,
+        "implied_speedup": {str(a): (1 + a) * plain / cycle for a in (0.7, 0.8, 0.85, 0.9)},
+    }
+    return res
+
+
+def table(r: dict) -> str:
+    if r["bench"] == "mtp-fixture":
+        return "\n".join([
+            "| device | plain tok/s | MTP tok/s | speed-up | acceptance | tokens/forward | same greedy |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            f"| {r['device']} | {r['plain_tok_s']:.1f} | {r['mtp_tok_s']:.1f} | {r['speedup']:.2f}x "
+            f"| {r['acceptance']:.1%} | {r['mean_accepted_length']:.2f} | {r['identical_greedy']} |"])
+    rows = ["| tokens | slice forward ms | MTP layer ms |", "| --- | --- | --- |"]
+    rows += [f"| {L} | {v['slice_forward']:.2f} | {v['mtp_layer']:.2f} |" for L, v in r["ms"].items()]
+    e = r["r1_estimate"]
+    rows += ["", f"R1 estimate: 1-token step {e['plain_step_ms']:.1f} ms, verify(2)+MTP "
+             f"{e['verify2_plus_mtp_ms']:.1f} ms (verify(2)/step = {e['verify2_over_step']:.2f})",
+             "implied speed-up at acceptance " + ", ".join(f"{a}: {s:.2f}x" for a, s in e["implied_speedup"].items())]
+    return "\n".join(rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fixture")
+    f.add_argument("--model", required=True)
+    f.add_argument("--tokens", type=int, default=200)
+    f.add_argument("--repeats", type=int, default=3)
+    v = sub.add_parser("verify-cost")
+    v.add_argument("--layers", type=int, default=4)
+    v.add_argument("--experts", type=int, default=64)
+    v.add_argument("--context", type=int, default=1024)
+    v.add_argument("--iters", type=int, default=20)
+    v.add_argument("--bits", type=int, default=4)
+    a = ap.parse_args()
+    if a.cmd == "fixture":
+        r = bench_fixture(a.model, a.tokens, a.repeats)
+    else:
+        r = bench_verify_cost(a.layers, a.experts, a.context, a.iters, a.bits)
+    print(json.dumps(r))
+    print(table(r))
+
+
+if __name__ == "__main__":
+    main()
