@@ -88,7 +88,8 @@ def randomize_quantized(module: nn.Module, bits: int, group_size: int, dtype=mx.
     params = []
     for k, v in tree_flatten(module.parameters()):
         if v.dtype == mx.uint32:
-            r = mx.random.bits(v.shape)
+            hi = mx.random.randint(0, 1 << 16, v.shape).astype(mx.uint32)
+            r = (hi << 16) | mx.random.randint(0, 1 << 16, v.shape).astype(mx.uint32)
         elif k.endswith("scales"):
             r = mx.random.uniform(0.002, 0.004, v.shape).astype(dtype)
         elif k.endswith("biases"):
