@@ -68,6 +68,32 @@ def _verify(lps: mx.array, drafts: mx.array, sampling: Sampling):
     return accepted, tokens
 
 
+class _Cycle:
+    """One draft + verify + MTP catch-up, queued on the device as a lazy graph."""
+
+    def __init__(self, model, main, mcache, y, d_logits, d_h, N, sampling):
+        mtp = model.mtp.layers[0]
+        # Draft N tokens (argmax); further drafts chain the MTP layer on its own output,
+        # and those chained cache entries are dropped again once drafted.
+        drafts = [mx.argmax(d_logits[0, -1])]
+        for _ in range(N - 1):
+            d_logits, d_h = mtp(d_h, drafts[-1].reshape(1, 1), mcache[0])
+            drafts.append(mx.argmax(d_logits[0, -1]))
+        trim_prompt_cache(mcache, N - 1)
+        drafts = mx.stack(drafts)  # [N]
+        # Verify [y, d_1..d_N] in one forward; the MTP layer catches up on the same positions
+        # with the token that would follow each of them.
+        h = model.model(mx.concatenate([y.reshape(1), drafts])[None], main)  # [1, N+1, D]
+        self.lps = _logprobs(model.lm_head(h)[0])  # [N+1, V]
+        self.accepted, self.tokens = _verify(self.lps, drafts, sampling)
+        self.m_logits, self.m_h = mtp(h, self.tokens[None], mcache[0])
+        mx.async_eval(self.accepted, self.tokens, self.m_logits, self.m_h)
+
+    def after(self, j: int):
+        """(y, draft logits, draft hidden) for the cycle that follows acceptance of j drafts."""
+        return self.tokens[j], self.m_logits[:, j : j + 1], self.m_h[:, j : j + 1]
+
+
 def mtp_generate_step(
     prompt: mx.array,
     model,
@@ -86,7 +112,6 @@ def mtp_generate_step(
     start = main[0].offset
     mtp = model.mtp.layers[0]
     stats = stats if stats is not None else SpecStats()
-    head = model.lm_head
 
     # Prefill: main model over the prompt; the MTP layer over the same positions, each
     # paired with the following token (the last one with the first sampled token y).
@@ -99,7 +124,7 @@ def mtp_generate_step(
             mx.eval([c.state for c in cache])
             s = e
             continue
-        lp = _logprobs(head(h[:, -1])[0])
+        lp = _logprobs(model.lm_head(h[:, -1])[0])
         y = _sample(lp, sampling)
         d_logits, d_h = mtp(h, mx.concatenate([prompt[s + 1 : e], y[None]])[None], mcache[0])
         d_logits, d_h = d_logits[:, -1:], d_h[:, -1:]
@@ -107,41 +132,32 @@ def mtp_generate_step(
         break
 
     n = 0
+    N = draft_tokens
     try:
         yield y, lp, False
         n += 1
+        cur = _Cycle(model, main, mcache, mx.array(y), d_logits, d_h, N, sampling)
         while max_tokens < 0 or n < max_tokens:
-            # Draft N tokens (argmax); further drafts chain the MTP layer on its own output,
-            # and those chained cache entries are dropped again once drafted.
-            drafts = [mx.argmax(d_logits[0, -1])]
-            for _ in range(draft_tokens - 1):
-                d_logits, d_h = mtp(d_h, drafts[-1].reshape(1, 1), mcache[0])
-                drafts.append(mx.argmax(d_logits[0, -1]))
-            trim_prompt_cache(mcache, draft_tokens - 1)
-            drafts = mx.stack(drafts)  # [N]
-            # Verify [y, d_1..d_N] in one forward; the MTP layer catches up on the same
-            # positions with the tokens that would follow each of them, all before one sync.
-            h = model.model(mx.concatenate([mx.array([y]), drafts])[None], main)  # [1, N+1, D]
-            lps = _logprobs(head(h)[0])  # [N+1, V]
-            accepted, tokens = _verify(lps, drafts, sampling)
-            m_logits, m_h = mtp(h, tokens[None], mcache[0])
-            mx.eval(accepted, tokens, m_logits, m_h)
-            acc = accepted.tolist()
-            j = acc.index(False) if False in acc else draft_tokens
-            toks = tokens.tolist()
+            # Queue the next cycle as if every draft will be accepted (the common case), so
+            # the device works while this cycle's tokens are read back and handed out.
+            nxt = _Cycle(model, main, mcache, *cur.after(N), N, sampling)
+            acc = cur.accepted.tolist()
+            j = acc.index(False) if False in acc else N
+            toks = cur.tokens.tolist()
             stats.cycles += 1
-            stats.drafted += draft_tokens
+            stats.drafted += N
             stats.accepted += j
-            # Keep y and the accepted drafts (main) and the matching MTP entries.
-            trim_prompt_cache(main, draft_tokens - j)
-            trim_prompt_cache(mcache, draft_tokens - j)
-            d_logits, d_h = m_logits[:, j : j + 1], m_h[:, j : j + 1]
+            if j < N:
+                # Rejected: drop the queued cycle and the rejected drafts from both caches.
+                trim_prompt_cache(main, (N + 1) + (N - j))
+                trim_prompt_cache(mcache, (N + 1) + (N - j))
+                nxt = None
             for k in range(j + 1):
-                yield toks[k], lps[k], k < j
+                yield toks[k], cur.lps[k], k < j
                 n += 1
                 if n == max_tokens:
                     return
-            y = toks[j]
+            cur = nxt or _Cycle(model, main, mcache, *cur.after(j), N, sampling)
     finally:
         # Keep exactly the prompt and the emitted tokens but the last (never fed back),
         # in both caches, so the cache can be reused for a following prompt.
