@@ -80,3 +80,10 @@ def test_demo_runs_end_to_end():
     r = runner.invoke(app, ["demo", "--max-tokens", "8"])
     assert r.exit_code == 0, r.output
     assert "demo ok" in r.stdout and "Generation: 8 tokens" in r.stderr
+
+
+def test_chat_two_turns_then_quit(converted):
+    r = runner.invoke(app, ["chat", "-m", str(converted / "mlx"), "-n", "6", "--temp", "0"],
+                      input="hello\nsecond turn\n/quit\n")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("Generation: ") == 2 and r.stdout.count(">>> ") == 3
