@@ -14,17 +14,10 @@ from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.rope_utils import apply_yarn_mscale, initialize_rope
 
 from ..config import ModelArgs
+from .kv_b import split_kv_b  # noqa: F401  (re-exported)
 
 # Query lengths up to this use the absorbed path.
 ABSORB_MAX_L = 16
-
-
-def split_kv_b(w: mx.array, num_heads: int, qk_nope_head_dim: int):
-    """kv_b_proj.weight [H*(nope+v), r] -> embed_q [H, r, nope], unembed_out [H, v, r]."""
-    w = w.reshape(num_heads, -1, w.shape[-1])  # [H, nope+v, r]
-    embed_q = mx.contiguous(w[:, :qk_nope_head_dim, :].swapaxes(-1, -2))
-    unembed_out = mx.contiguous(w[:, qk_nope_head_dim:, :])
-    return embed_q, unembed_out
 
 
 class MLAttention(nn.Module):
