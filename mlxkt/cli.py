@@ -135,7 +135,14 @@ for _name, _mod, _fn in EXTERNAL:
         pass
 
 
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
+    print(f"{message}", file=file or sys.stderr)
+
+
 def main():
+    import warnings
+
+    warnings.showwarning = _one_line_warnings  # users see our messages, not source lines
     app()
 
 

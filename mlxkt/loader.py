@@ -7,7 +7,8 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import load_model, load_tokenizer
+from mlx_lm.utils import load_model
+from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
 from .loader_utils import cast_floats
 from .models import get_model_classes
@@ -42,6 +43,15 @@ def check_converted(path: Path, config: dict) -> None:
             f"{path} is a Hugging Face checkpoint, not an MLX one; convert it first:\n"
             f"  mlxkt convert {path} OUT_DIR"
         )
+
+
+def load_tokenizer(path: Path, eos_token_ids=None) -> TokenizerWrapper:
+    """mlx-lm's tokenizer wrapper, honouring tokenizer_config.json's add_bos_token and
+    add_eos_token (transformers 5 ignores them for DeepSeek's tokenizers)."""
+    f = Path(path) / "tokenizer_config.json"
+    tc = json.loads(f.read_text()) if f.exists() else {}
+    extra = {k: tc[k] for k in ("add_bos_token", "add_eos_token") if k in tc}
+    return mlx_lm_load_tokenizer(path, tokenizer_config_extra=extra or None, eos_token_ids=eos_token_ids)
 
 
 def default_dtype() -> Optional[mx.Dtype]:

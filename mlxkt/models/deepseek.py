@@ -117,17 +117,22 @@ def _split_kv_b_proj(w: dict, prefix: str, args: ModelArgs):
     key = f"{prefix}.kv_b_proj.weight"
     if key not in w:
         return
+    H, nope = args.num_attention_heads, args.qk_nope_head_dim
     weight = w.pop(key)
     scales = w.pop(f"{prefix}.kv_b_proj.scales", None)
     biases = w.pop(f"{prefix}.kv_b_proj.biases", None)
-    quant = None
-    if scales is not None:
-        r = args.kv_lora_rank
-        quant = dict(bits=weight.shape[-1] * 32 // r, group_size=r // scales.shape[-1])
-        weight = mx.dequantize(weight, scales, biases, **quant)
-    embed_q, unembed_out = split_kv_b(weight, args.num_attention_heads, args.qk_nope_head_dim)
-    for name, t in (("embed_q", embed_q), ("unembed_out", unembed_out)):
-        if quant is not None and t.shape[-1] % quant["group_size"] == 0:
-            t, s, b = mx.quantize(t, **quant)
-            w[f"{prefix}.{name}.scales"], w[f"{prefix}.{name}.biases"] = s, b
-        w[f"{prefix}.{name}.weight"] = t
+    if scales is None:
+        w[f"{prefix}.embed_q.weight"], w[f"{prefix}.unembed_out.weight"] = split_kv_b(weight, H, nope)
+        return
+    r = args.kv_lora_rank
+    quant = dict(bits=weight.shape[-1] * 32 // r, group_size=r // scales.shape[-1])
+    # unembed_out's rows are kv_b_proj's rows, quantized along the same axis: slice the packed
+    # tensors as they are, with no second rounding.
+    for kind, t in (("weight", weight), ("scales", scales), ("biases", biases)):
+        w[f"{prefix}.unembed_out.{kind}"] = mx.contiguous(t.reshape(H, -1, t.shape[-1])[:, nope:])
+    # embed_q is transposed, so it has to be dequantized and quantized again.
+    embed_q, _ = split_kv_b(mx.dequantize(weight, scales, biases, **quant), H, nope)
+    if embed_q.shape[-1] % quant["group_size"] == 0:
+        embed_q, s, b = mx.quantize(embed_q, **quant)
+        w[f"{prefix}.embed_q.scales"], w[f"{prefix}.embed_q.biases"] = s, b
+    w[f"{prefix}.embed_q.weight"] = embed_q

@@ -1,0 +1,19 @@
+// Backend macros for mx.fast.metal_kernel. The kernel bodies use only these.
+#define KT_FN inline
+#define KT_GLOBAL device
+#define KT_SHARED threadgroup
+#define KT_SYNC() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define KT_UNROLL _Pragma("clang loop unroll(full)")
+#define KT_AS_FLOAT(u) as_type<float>(u)
+#define KT_EXP(v) metal::exp(v)
+#define KT_FMA(a, b, c) metal::fma(a, b, c)
+
+// Sum of v over the 32 lanes of a simdgroup; every lane gets the sum.
+KT_FN float kt_warp_sum(float v) {
+  return simd_sum(v);
+}
+
+template <uint32_t MASK, uint32_t BITS_OR>
+KT_FN uint32_t kt_and_or(uint32_t a) {
+  return (a & MASK) | BITS_OR;
+}

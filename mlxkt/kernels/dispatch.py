@@ -1,0 +1,96 @@
+"""Run-time choice between the fused kernels and the plain-MLX reference.
+
+Apple GPU -> Metal kernels, NVIDIA GPU -> CUDA kernels. The CPU, unsupported weights, shape
+or dtype, or a kernel that fails to build or to match the reference -> the reference, with
+one warning per cause. Batches beyond decode size (prefill) take the reference silently: the
+kernels are for 1 to a few tokens. MLXKT_KERNELS=0 forces the reference.
+"""
+
+import os
+import warnings
+from functools import lru_cache
+from typing import Optional
+
+import mlx.core as mx
+
+from .moe import FUSED_MAX_PAIRS, decode_sized, fused_routed_experts, quant_params, unsupported
+from .reference import routed_experts_reference
+
+ENV = "MLXKT_KERNELS"
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """A custom kernel could not be used; the reference path runs instead."""
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def gpu_backend() -> Optional[str]:
+    """"metal" or "cuda" when MLX computes on that GPU by default, else None."""
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def kernel_backend() -> Optional[str]:
+    """The backend whose kernels routed_experts would use now (None: the reference)."""
+    return gpu_backend() if kernels_enabled() else None
+
+
+def _warn(message: str):
+    # A fixed text per cause: Python's default filter then shows each cause once.
+    warnings.warn(message, KernelFallbackWarning, stacklevel=3)
+
+
+def routed_experts(x, inds, scores, gate_proj, up_proj, down_proj):
+    """sum_k scores[..., k] * expert_{inds[..., k]}(x): fused kernels when they apply."""
+    # x: [..., D], inds/scores: [..., K] -> [..., D]
+    if not kernels_enabled():
+        return routed_experts_reference(x, inds, scores, gate_proj, up_proj, down_proj)
+    backend = gpu_backend()
+    if backend is None:
+        _warn("mlxkt: no GPU kernels on the CPU device; the routed experts run as plain MLX ops")
+    elif unsupported(x, inds, gate_proj, up_proj, down_proj) is not None:
+        _warn("mlxkt: routed-expert kernels do not cover these weights or activations (they "
+              "take affine 2/4/8-bit weights with group 32/64/128 and float activations); "
+              "they run as plain MLX ops")
+    elif not decode_sized(x, inds, FUSED_MAX_PAIRS):
+        pass  # prefill-sized batch: the reference path is the faster one
+    elif kernel_ready(backend, _signature(x, inds, gate_proj, down_proj)):
+        return fused_routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, backend)
+    return routed_experts_reference(x, inds, scores, gate_proj, up_proj, down_proj)
+
+
+def _signature(x, inds, gate_proj, down_proj):
+    return (x.shape[-1], gate_proj.weight.shape[-2], x.size // x.shape[-1], inds.shape[-1],
+            quant_params(gate_proj), quant_params(down_proj), x.dtype,
+            gate_proj.scales.dtype, down_proj.scales.dtype)
+
+
+@lru_cache(maxsize=None)
+def kernel_ready(backend: str, signature) -> bool:
+    """Build the kernels for one signature and check them against the reference once."""
+    from .probe import probe
+
+    try:
+        err = probe(backend, signature)
+    except Exception as e:  # a build or launch failure
+        _warn(f"mlxkt: the {backend} routed-expert kernel failed ({type(e).__name__}: {e}); "
+              "using plain MLX ops")
+        return False
+    if not err < probe_tolerance(signature[6]):
+        _warn(f"mlxkt: the {backend} routed-expert kernel disagrees with the reference "
+              f"(relative error {err:.2e}); using plain MLX ops")
+        return False
+    return True
+
+
+def probe_tolerance(dtype) -> float:
+    """Relative L2 error allowed against the float32 reference (output rounding dominates)."""
+    return {mx.float32: 1e-3, mx.float16: 3e-3}.get(dtype, 1e-2)

@@ -1,0 +1,157 @@
+"""The fused routed-expert MLP: two kernels, gate+up+SwiGLU then down+weights+sum.
+
+Shared by every backend: `kernel_fn(backend, spec)` returns mx.fast.metal_kernel /
+mx.fast.cuda_kernel objects (or the CPU emulation of the tests), all called the same way.
+"""
+
+import math
+from functools import lru_cache
+from typing import Optional
+
+import mlx.core as mx
+
+from . import sources
+
+MAX_TOKENS = 8  # the kernels' limits
+MAX_PAIRS = 64
+# Above this many token-expert pairs the fused path stopped beating the reference on the
+# H100 (DeepSeek-V3 shapes, 8 bits, 8 tokens: 0.63x; see benchmarks/kernels.py), so the
+# dispatch keeps the reference there.
+FUSED_MAX_PAIRS = 16
+TARGET_BLOCKS = 4096
+FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def quant_params(layer):
+    """(bits, group_size) of an affine-quantized switch layer the kernels can read, else None."""
+    if getattr(layer, "mode", "affine") != "affine" or "bias" in layer:
+        return None
+    if getattr(layer, "global_scale", None) is not None or layer.get("biases") is None:
+        return None
+    bits, gs = getattr(layer, "bits", None), getattr(layer, "group_size", None)
+    if bits not in (2, 4, 8) or gs not in (32, 64, 128) or gs % (128 // bits):
+        return None
+    if layer.scales.dtype not in FLOAT_TYPES or layer.weight.dtype != mx.uint32:
+        return None
+    return bits, gs
+
+
+def decode_sized(x, inds, max_pairs=MAX_PAIRS) -> bool:
+    """Few enough tokens and token-expert pairs for the decode kernels."""
+    N = x.size // x.shape[-1]
+    return N <= MAX_TOKENS and N * inds.shape[-1] <= max_pairs
+
+
+def unsupported(x, inds, gate_proj, up_proj, down_proj) -> Optional[str]:
+    """Why the kernels cannot run these weights and activations (None when they can)."""
+    q = [quant_params(m) for m in (gate_proj, up_proj, down_proj)]
+    if None in q:
+        return "weights are not affine-quantized (2/4/8 bits, group 32/64/128)"
+    if q[0] != q[1]:
+        return "gate_proj and up_proj are quantized differently"
+    if x.dtype not in FLOAT_TYPES:
+        return f"activations of type {x.dtype}"
+    if gate_proj.weight.shape[-2] != down_proj.input_dims:
+        return "inconsistent expert shapes"
+    return None
+
+
+def launch_config(D, I, bits_gu, bits_d, pairs=1, nw=(4, 4), rb=2, rt=None):
+    """Warps per block, rows per warp and 16-byte chunks in flight per lane (about 8 per
+    matrix row: enough to cover memory latency without spilling registers)."""
+
+    def stage(chunks_per_lane, cap):
+        stages = math.ceil(chunks_per_lane / cap)
+        return math.ceil(chunks_per_lane / stages)
+
+    cpl_a = math.ceil(D // (128 // bits_gu) / 32)
+    cpl_b = math.ceil(I // (128 // bits_d) / 32)
+    sb = stage(cpl_b, max(1, 8 // rb))
+    nw_a = max(2, nw[0])  # the plan needs 64 threads
+    # Row tiles per stage-1 block: enough blocks to fill the GPU, few plans to compute.
+    rt = rt or max(1, math.ceil(I / nw_a) * pairs // TARGET_BLOCKS)
+    return {"nw_a": nw_a, "rt": rt, "sa": stage(cpl_a, 8), "nw_b": max(2, nw[1]), "rb": rb,
+            "sb": sb, "ue": max(1, 8 // (rb * sb))}
+
+
+@lru_cache(maxsize=None)
+def kernel_fn(backend: str, spec: sources.KernelSpec):
+    if backend == "cpu":
+        from .emulate import EmulatedKernel
+
+        return EmulatedKernel(spec)
+    make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    return make(
+        name=spec.name,
+        input_names=list(spec.inputs),
+        output_names=list(spec.outputs),
+        source=sources.source(backend, spec),
+        header=sources.header(backend),
+    )
+
+
+def chunk_major(x, bits):
+    """[N, D] -> [N, VPC/4, D/VPC, 4] float32 (VPC = 128/bits values per 16-byte chunk): the
+    layout in which a warp's lanes read their chunks' inputs with adjacent float4 loads."""
+    N, D = x.shape
+    vpc = 128 // bits
+    return x.reshape(N, D // vpc, vpc // 4, 4).transpose(0, 2, 1, 3).astype(mx.float32)
+
+
+@lru_cache(maxsize=256)
+def launches(D, I, N, K, quant_gu, quant_d, dtype, scale_gu, scale_d, idx_dtype, config=()):
+    """The static part of both kernel calls (templates, grids, outputs) for one signature,
+    cached: decoding calls the same few signatures over and over."""
+    (bits, gs), (bits_d, gs_d) = quant_gu, quant_d
+    P = N * K
+    cfg = launch_config(D, I, bits, bits_d, pairs=P, **dict(config))
+    nw, rt, nw_b, rb = cfg["nw_a"], cfg["rt"], cfg["nw_b"], cfg["rb"]
+    gate_up = dict(
+        template=[("D", D), ("I", I), ("BITS", bits), ("GS", gs), ("NT", N), ("K", K),
+                  ("NW", nw), ("RT", rt), ("SA", cfg["sa"]), ("BD", bits_d),
+                  ("ST", scale_gu), ("IT", idx_dtype)],
+        grid=(math.ceil(I / (nw * rt)) * nw * 32, P, 1),
+        threadgroup=(nw * 32, 1, 1),
+        output_shapes=[(P, I), (1 + P + P * N,), (P * N,)],
+        output_dtypes=[mx.float32, mx.int32, mx.float32],
+    )
+    down = dict(
+        template=[("D", D), ("I", I), ("BITS", bits_d), ("GS", gs_d), ("NT", N), ("K", K),
+                  ("NW", nw_b), ("RB", rb), ("UE", cfg["ue"]), ("SB", cfg["sb"]),
+                  ("T", dtype), ("ST", scale_d)],
+        grid=(math.ceil(D / (nw_b * rb)) * nw_b * 32, 1, 1),
+        threadgroup=(nw_b * 32, 1, 1),
+        output_shapes=[(N, D)],
+        output_dtypes=[dtype],
+    )
+    return bits, gate_up, down
+
+
+def fused_stages(x, inds, scores, gate_proj, up_proj, down_proj, backend, **config):
+    """(h, plan, uw) of stage 1 and y of stage 2, for x [N, D], inds/scores [N, K]."""
+    N, D = x.shape
+    K = inds.shape[-1]
+    idx = inds.reshape(-1)
+    if idx.dtype not in (mx.int32, mx.uint32):
+        idx = idx.astype(mx.int32)
+    sc = scores.reshape(-1).astype(mx.float32)
+    bits, gate_up, down = launches(
+        D, gate_proj.weight.shape[-2], N, K, quant_params(gate_proj), quant_params(down_proj),
+        x.dtype, gate_proj.scales.dtype, down_proj.scales.dtype, idx.dtype,
+        tuple(sorted(config.items())))
+    h, plan, uw = kernel_fn(backend, sources.GATE_UP)(
+        inputs=[chunk_major(x, bits), idx, sc, gate_proj.weight, gate_proj.scales,
+                gate_proj.biases, up_proj.weight, up_proj.scales, up_proj.biases],
+        **gate_up)
+    (y,) = kernel_fn(backend, sources.DOWN)(
+        inputs=[h, plan, uw, down_proj.weight, down_proj.scales, down_proj.biases], **down)
+    return (h, plan, uw), y
+
+
+def fused_routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, backend, **config):
+    """sum_k scores[..., k] * expert_{inds[..., k]}(x) with the two fused kernels."""
+    # x: [..., D], inds/scores: [..., K] -> [..., D] (x.dtype)
+    lead, K, D = inds.shape[:-1], inds.shape[-1], x.shape[-1]
+    _, y = fused_stages(x.reshape(-1, D), inds.reshape(-1, K), scores.reshape(-1, K),
+                        gate_proj, up_proj, down_proj, backend, **config)
+    return y.reshape(*lead, D)

@@ -1,0 +1,107 @@
+"""Each available kernel against the reference at DeepSeek-V3 and Mixtral shapes.
+
+Prints pass/fail, the error and the speed of fused vs reference. On a machine without a
+supported GPU it says so: only the reference runs there.
+"""
+
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from .dispatch import gpu_backend, kernels_enabled, probe_tolerance
+from .moe import decode_sized, fused_routed_experts, unsupported
+from .probe import random_problem, reference_float32, relative_error
+from .reference import routed_experts_reference
+
+SHAPES = {
+    # name: (hidden D, expert intermediate I, experts E, top-k K)
+    "deepseek-v3": (7168, 2048, 256, 8),
+    "mixtral-8x7b": (4096, 14336, 8, 2),
+}
+
+
+def median_time(fn, inputs, iters=20, reps=5, prebuilt=False):
+    """Median seconds per call over `reps` batches of `iters` queued calls (inputs rotate).
+
+    prebuilt=False times building the lazy graphs too (what a Python caller pays per call);
+    prebuilt=True starts the clock after building them (GPU work and launches only).
+    """
+    mx.eval([fn(*inputs[i % len(inputs)]) for i in range(3)])
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        outs = [fn(*inputs[i % len(inputs)]) for i in range(iters)]
+        if prebuilt:
+            t0 = time.perf_counter()
+        mx.eval(outs)
+        times.append((time.perf_counter() - t0) / iters)
+    return float(np.median(times))
+
+
+def routings(E, N, K, count, seed=1):
+    """`count` random routings (distinct experts per token) so timings do not sit in cache."""
+    rng = np.random.default_rng(seed)
+    inds = [np.stack([rng.choice(E, K, replace=False) for _ in range(N)]) for _ in range(count)]
+    scores = [rng.uniform(0.1, 1.0, (N, K)).astype(np.float32) for _ in range(count)]
+    return [(mx.array(i.astype(np.uint32)), mx.array(s)) for i, s in zip(inds, scores)]
+
+
+def run_case(backend, name, bits, N, experts=None, dtype=mx.bfloat16):
+    D, I, E, K = SHAPES[name]
+    E = experts or E
+    x, inds, scores, gate, up, down = random_problem(
+        D, I, N, K, E, bits=(bits, bits), group_size=(64, 64), dtype=dtype, repeat=False)
+    row = {"shape": name, "bits": bits, "tokens": N, "experts": E, "top_k": K}
+    why = unsupported(x, inds, gate, up, down) or (
+        None if decode_sized(x, inds) else "beyond the decode kernels' 8 tokens / 64 pairs")
+    if why:
+        return {**row, "status": "skip", "why": why}
+    try:
+        y = fused_routed_experts(x, inds, scores, gate, up, down, backend)
+        native = routed_experts_reference(x, inds, scores, gate, up, down)
+        ref = reference_float32(x, inds, scores, gate, up, down)  # upcast inputs
+        mx.eval(y, native, ref)
+    except Exception as e:
+        return {**row, "status": "FAIL", "why": f"{type(e).__name__}: {e}"}
+    err = relative_error(y, ref)
+    diff = np.abs(np.array(y.astype(mx.float32)) - np.array(ref))
+    row.update(rel_error=err, max_abs_error=float(diff.max()),
+               max_abs_ref=float(np.abs(np.array(ref)).max()),
+               reference_rel_error=relative_error(native, ref),
+               status="pass" if err < probe_tolerance(dtype) else "FAIL")
+    sets = [(x, i, s) for i, s in routings(E, N, K, 8)]
+    fused_s = median_time(
+        lambda a, b, c: fused_routed_experts(a, b, c, gate, up, down, backend), sets)
+    ref_s = median_time(lambda a, b, c: routed_experts_reference(a, b, c, gate, up, down), sets)
+    row.update(fused_us=fused_s * 1e6, reference_us=ref_s * 1e6, speedup=ref_s / fused_s)
+    return row
+
+
+def selftest(shapes=None, bits=(4, 8), tokens=(1, 4), experts=None, echo=print):
+    backend = gpu_backend()
+    echo(f"mlx {mx.__version__}, device {mx.default_device()}, kernel backend: {backend or 'none'}"
+         + ("" if kernels_enabled() else " (MLXKT_KERNELS=0: the models use the reference)"))
+    if backend is None:
+        echo("No Metal or CUDA GPU here: the routed experts run as plain MLX ops; "
+             "nothing to test.")
+        return []
+    rows = []
+    echo("errors are relative to the reference on float32-upcast inputs; 'ref err' is the "
+         "reference's own, in the model's dtype")
+    echo(f"{'shape':14} {'bits':>4} {'tok':>3} {'status':>6} {'rel err':>9} {'max err':>9} "
+         f"{'ref err':>9} {'fused us':>9} {'ref us':>9} {'speedup':>7}")
+    for name in shapes or SHAPES:
+        for b in bits:
+            for n in tokens:
+                r = run_case(backend, name, b, n, experts)
+                rows.append(r)
+                if r["status"] in ("pass", "FAIL") and "fused_us" in r:
+                    echo(f"{name:14} {b:>4} {n:>3} {r['status']:>6} {r['rel_error']:9.2e} "
+                         f"{r['max_abs_error']:9.2e} {r['reference_rel_error']:9.2e} "
+                         f"{r['fused_us']:9.1f} "
+                         f"{r['reference_us']:9.1f} {r['speedup']:6.2f}x")
+                else:
+                    echo(f"{name:14} {b:>4} {n:>3} {r['status']:>6}  {r.get('why', '')}")
+                mx.clear_cache()
+    return rows

@@ -1,0 +1,117 @@
+"""`mlxkt.optimize(model)`: swap mlxkt's kernel modules into a model, mlx-lm's included.
+
+A small declarative rule table, in the spirit of KTransformers' injection rules: each rule
+names a module path pattern and a module class; every matching module is replaced by a
+KernelMoE that keeps its parameters (same names, same arrays) and runs the routed experts
+through mlxkt.kernels (fused gate/up/SwiGLU, then fused down + router weights + sum).
+
+    from mlx_lm import load
+    import mlxkt
+    model, tokenizer = load("mlx-community/DeepSeek-V3-0324-4bit")
+    model = mlxkt.optimize(model)
+"""
+
+import re
+from typing import Callable, Dict, NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .layers.experts import RoutedExperts
+
+
+class Rule(NamedTuple):
+    path: str  # regular expression searched in the module's dotted path
+    cls: str  # the module's class, "module.QualName"
+    router: str  # how the block routes tokens: a key of ROUTERS
+
+
+RULES = (
+    Rule(r"\.mlp$", "mlx_lm.models.deepseek_v3.DeepseekV3MoE", "deepseek"),
+    Rule(r"\.mlp$", "mlx_lm.models.deepseek_v32.DeepseekV32MoE", "deepseek"),
+    Rule(r"\.mlp$", "mlx_lm.models.deepseek_v2.DeepseekV2MoE", "deepseek"),
+    Rule(r"\.mlp$", "mlx_lm.models.deepseek.DeepseekMoE", "deepseek"),
+    Rule(r"\.block_sparse_moe$", "mlx_lm.models.mixtral.MixtralSparseMoeBlock", "mixtral"),
+)
+
+
+def deepseek_route(block, x):
+    # The block's own gate: softmax or sigmoid scoring, group-limited top-k, scaling.
+    return block.gate(x)
+
+
+def mixtral_route(block, x):
+    gates = block.gate(x)
+    k = block.num_experts_per_tok
+    inds = mx.stop_gradient(mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k])
+    scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1), axis=-1, precise=True)
+    return inds, scores
+
+
+ROUTERS: Dict[str, Callable] = {"deepseek": deepseek_route, "mixtral": mixtral_route}
+
+# Plain attributes of the replaced blocks that other code may read.
+KEPT_ATTRIBUTES = ("config", "num_experts_per_tok", "top_k", "hidden_dim", "ffn_dim",
+                   "num_experts")
+
+
+class KernelMoE(nn.Module):
+    """A MoE block with the parameters of the one it replaces and a fused expert path."""
+
+    def __init__(self, block: nn.Module, router: str):
+        super().__init__()
+        self.gate = block.gate
+        sw = block.switch_mlp
+        self.switch_mlp = RoutedExperts.wrap(sw.gate_proj, sw.up_proj, sw.down_proj)
+        if "shared_experts" in block:
+            self.shared_experts = block.shared_experts
+        for name in KEPT_ATTRIBUTES:
+            if hasattr(block, name):
+                setattr(self, name, getattr(block, name))
+        self.router = router
+
+    def __call__(self, x):
+        # x: [B, L, D] -> [B, L, D]
+        inds, scores = ROUTERS[self.router](self, x)
+        y = self.switch_mlp(x, inds, scores)
+        if "shared_experts" in self:
+            y = y + self.shared_experts(x)
+        return y
+
+
+def _class_name(module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _replaceable(module) -> bool:
+    sw = module.get("switch_mlp") if isinstance(module, dict) else None
+    if sw is None or not all(k in sw for k in ("gate_proj", "up_proj", "down_proj")):
+        return False
+    # Only SwiGLU experts, and not a block sharded across devices (its call all-reduces).
+    act = getattr(sw, "activation", None)
+    if act is not None and type(act).__name__ != "SwiGLU":
+        return False
+    return getattr(module, "sharding_group", None) is None
+
+
+def optimize(model: nn.Module, rules=RULES, verbose: bool = False) -> nn.Module:
+    """Replace every module matched by `rules` with its kernel version, in place; returns model."""
+    swaps = []
+    for path, module in model.named_modules():
+        for rule in rules:
+            if (_class_name(module) == rule.cls and re.search(rule.path, "." + path)
+                    and _replaceable(module)):
+                swaps.append((path, KernelMoE(module, rule.router)))
+                break
+    for path, new in swaps:
+        parent_path, _, name = path.rpartition(".")
+        parent = model
+        for part in parent_path.split(".") if parent_path else []:
+            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+        if isinstance(parent, list):
+            parent[int(name)] = new
+        else:
+            setattr(parent, name, new)
+    if verbose:
+        print(f"[mlxkt] optimize: {len(swaps)} MoE blocks now use mlxkt kernels")
+    return model
