@@ -10,24 +10,14 @@
 import argparse
 import json
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-HELD_OUT = '''import json
-from pathlib import Path
-
-
-class Config:
-    """Settings read from a JSON file."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.data = {}
-
-    def load(self):
-'''
+# Python code the fixture never saw in training, shared with tests/test_mtp.py.
+HELD_OUT = (Path(__file__).parent / "data" / "held_out.py.txt").read_text()
 
 
 def bench_fixture(model_dir: str, tokens: int, repeats: int) -> dict:

@@ -64,27 +64,42 @@ def default_mtp(mtp):
     return mx.default_device() != mx.cpu if mtp is None else mtp
 
 
-def run_generate(model_path: str, prompt: str, *, system=None, use_template=True,
-                 max_tokens=256, sampling=Sampling(), seed=None, hide_thinking=False,
-                 mtp=None, draft_tokens=1):
-    from .loader import load
-
+def load_for_cli(model_path: str, mtp=None, distributed=None, seed=None):
+    """The model for generate/chat: one process, or this rank of `mlxkt launch`."""
     if seed is not None:
         mx.random.seed(seed)
-    model, tokenizer = load(model_path, mtp=default_mtp(mtp))
+    if distributed:
+        from .distributed import setup
+
+        return setup(model_path, distributed)  # ranks > 0 follow rank 0 and exit there
+    from .loader import load
+
+    return load(model_path, mtp=default_mtp(mtp))
+
+
+def run_generate(model_path: str, prompt: str, *, system=None, use_template=True,
+                 max_tokens=256, sampling=Sampling(), seed=None, hide_thinking=False,
+                 mtp=None, draft_tokens=1, distributed=None):
+    model, tokenizer = load_for_cli(model_path, mtp, distributed, seed)
     if prompt == "-":
         prompt = sys.stdin.read()
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
     text = render(tokenizer, messages, use_template)
-    printer = ThinkingPrinter(prompt_opens_thinking(text), hide_thinking)
-    last, stats = None, SpecStats()
+    stats = SpecStats()
     with wired_limit(model_bytes(model)):
-        for r in stream_generate(model, tokenizer, encode(tokenizer, text), max_tokens=max_tokens,
-                                 sampling=sampling, draft_tokens=draft_tokens, spec_stats=stats):
-            printer.write(r.text, final=r.finish_reason is not None)
-            last = r
+        responses = stream_generate(model, tokenizer, encode(tokenizer, text), max_tokens=max_tokens,
+                                    sampling=sampling, draft_tokens=draft_tokens, spec_stats=stats)
+        show(responses, stats, ThinkingPrinter(prompt_opens_thinking(text), hide_thinking))
+
+
+def show(responses, stats: SpecStats, printer: "ThinkingPrinter"):
+    """Print streamed text as it comes, then the statistics lines."""
+    last = None
+    for r in responses:
+        printer.write(r.text, final=r.finish_reason is not None)
+        last = r
     print()
     if last is not None:
         print_stats(last)
@@ -124,12 +139,9 @@ class ChatSession:
 
 
 def run_chat(model_path: str, *, system=None, use_template=True, max_tokens=1024,
-             sampling=Sampling(), seed=None, hide_thinking=False, mtp=None, draft_tokens=1):
-    from .loader import load
-
-    if seed is not None:
-        mx.random.seed(seed)
-    model, tokenizer = load(model_path, mtp=default_mtp(mtp))
+             sampling=Sampling(), seed=None, hide_thinking=False, mtp=None, draft_tokens=1,
+             distributed=None):
+    model, tokenizer = load_for_cli(model_path, mtp, distributed, seed)
     session = ChatSession(model, tokenizer, system, use_template)
     print("mlxkt chat: type a message; /reset clears the history, /quit or Ctrl-D exits.",
           file=sys.stderr)
@@ -149,13 +161,7 @@ def run_chat(model_path: str, *, system=None, use_template=True, max_tokens=1024
                 continue
             text = render(tokenizer, session.messages + [{"role": "user", "content": line}],
                           use_template)
-            printer = ThinkingPrinter(prompt_opens_thinking(text), hide_thinking)
-            last, stats = None, SpecStats()
-            for r in session.ask(line, max_tokens, sampling, draft_tokens=draft_tokens,
-                                 spec_stats=stats):
-                printer.write(r.text, final=r.finish_reason is not None)
-                last = r
-            print()
-            if last is not None:
-                print_stats(last)
-                print_mtp_stats(stats)
+            stats = SpecStats()
+            responses = session.ask(line, max_tokens, sampling, draft_tokens=draft_tokens,
+                                    spec_stats=stats)
+            show(responses, stats, ThinkingPrinter(prompt_opens_thinking(text), hide_thinking))

@@ -28,6 +28,7 @@ MtpOpt = typer.Option(
     help="Speculative decoding with the model's MTP layer, when it has one. Off by default on "
     "CPUs, where MLX's matmul cost grows with the tokens verified at once.")
 DraftOpt = typer.Option(1, "--draft-tokens", min=1, max=8, help="Tokens the MTP layer drafts per step.")
+DistOpt = typer.Option(None, "--distributed", help="One rank of `mlxkt launch`: pipeline or experts.")
 
 
 def _load_errors():
@@ -57,6 +58,7 @@ def generate(
     hide_thinking: bool = typer.Option(False, help="Do not print R1's <think> section."),
     mtp: Optional[bool] = MtpOpt,
     draft_tokens: int = DraftOpt,
+    distributed: Optional[str] = DistOpt,
 ):
     """Generate text from a prompt; text to stdout, statistics to stderr."""
     from .chat import run_generate
@@ -64,7 +66,8 @@ def generate(
     try:
         run_generate(model, prompt, system=system, use_template=not no_chat_template,
                      max_tokens=max_tokens, sampling=_sampling(temp, top_p, top_k, min_p),
-                     seed=seed, hide_thinking=hide_thinking, mtp=mtp, draft_tokens=draft_tokens)
+                     seed=seed, hide_thinking=hide_thinking, mtp=mtp, draft_tokens=draft_tokens,
+                     distributed=distributed)
     except _load_errors() as e:
         _fail(e)
 
@@ -83,6 +86,7 @@ def chat(
     hide_thinking: bool = typer.Option(False, help="Do not print R1's <think> section."),
     mtp: Optional[bool] = MtpOpt,
     draft_tokens: int = DraftOpt,
+    distributed: Optional[str] = DistOpt,
 ):
     """Multi-turn chat that keeps the KV cache between turns."""
     from .chat import run_chat
@@ -90,7 +94,8 @@ def chat(
     try:
         run_chat(model, system=system, use_template=not no_chat_template, max_tokens=max_tokens,
                  sampling=_sampling(temp, top_p, top_k, min_p), seed=seed,
-                 hide_thinking=hide_thinking, mtp=mtp, draft_tokens=draft_tokens)
+                 hide_thinking=hide_thinking, mtp=mtp, draft_tokens=draft_tokens,
+                 distributed=distributed)
     except _load_errors() as e:
         _fail(e)
 
@@ -125,6 +130,8 @@ def demo(
 # Commands implemented by other subpackages: (name, module, function).
 EXTERNAL = [
     ("convert", "mlxkt.convert.cli", "convert_command"),
+    ("launch", "mlxkt.distributed.cli", "launch_command"),
+    ("bench", "mlxkt.bench.cli", "bench_command"),
     ("serve", "mlxkt.server.cli", "serve_command"),
     ("selftest", "mlxkt.kernels.cli", "selftest_command"),
 ]

@@ -126,24 +126,7 @@ def test_caches_stay_in_step_and_reusable(model):
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "dsv3-code-tiny"
 
-HELD_OUT = '''import json
-from pathlib import Path
-
-
-class Config:
-    """Settings read from a JSON file."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.data = {}
-
-    def load(self):
-        with open(self.path) as f:
-            self.data = json.load(f)
-        return self.data
-
-    def get(self, key, default=None):
-'''
+HELD_OUT = (Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "held_out.py.txt").read_text()
 
 
 @pytest.mark.skipif(not FIXTURE.exists(), reason="../shared/fixtures absent")

@@ -17,16 +17,20 @@ MIXTRAL_CONFIG = {
 def random_model(config: dict, seed: int = 0):
     args = ModelArgs.from_dict(config)
     model_cls, _ = get_model_classes(config)
-    model = model_cls(args)
+    return randomize(model_cls(args), seed)
+
+
+def randomize(module, seed: int):
+    """Float32 weights ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2)."""
     mx.random.seed(seed)
     params = []
-    for k, v in tree_flatten(model.parameters()):
+    for k, v in tree_flatten(module.parameters()):
         scale = 0.1 if k.endswith("bias") else (v.shape[-1] ** -0.5 if v.ndim > 1 else 0.1)
         base = 1.0 if k.endswith("norm.weight") else 0.0
         params.append((k, (base + scale * mx.random.normal(v.shape)).astype(mx.float32)))
-    model.update(tree_unflatten(params))
-    mx.eval(model.parameters())
-    return model
+    module.update(tree_unflatten(params))
+    mx.eval(module.parameters())
+    return module
 
 
 def deepseek_tiny(seed=0):
@@ -41,14 +45,5 @@ def attach_random_mtp(model, seed: int = 1):
     """Give a DeepSeek model a random MTP layer (as load_mtp would attach a real one)."""
     from mlxkt.mtp import MTP
 
-    mtp = MTP(model.args, 1)
-    mx.random.seed(seed)
-    params = []
-    for k, v in tree_flatten(mtp.parameters()):
-        scale = 0.1 if k.endswith("bias") else (v.shape[-1] ** -0.5 if v.ndim > 1 else 0.1)
-        base = 1.0 if k.endswith("norm.weight") else 0.0
-        params.append((k, (base + scale * mx.random.normal(v.shape)).astype(mx.float32)))
-    mtp.update(tree_unflatten(params))
-    model.mtp = mtp
-    mx.eval(mtp.parameters())
+    model.mtp = randomize(MTP(model.args, 1), seed)
     return model

@@ -20,6 +20,7 @@ def serve_command(
     context_length: Annotated[Optional[int], typer.Option(help="Context length (default: the model config's).")] = None,
     model_name: Annotated[Optional[str], typer.Option(help="Name clients must use (default: the directory name).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    distributed: Annotated[Optional[str], typer.Option(help="One rank of `mlxkt launch`: pipeline or experts (rank 0 answers HTTP).")] = None,
 ) -> None:
     """Serve a model over OpenAI- and Ollama-compatible HTTP APIs, with a chat page at /."""
     from .settings import check_bind, split_list
@@ -35,12 +36,21 @@ def serve_command(
             typer.echo(f"error: {name} must be at least {low}", err=True)
             raise typer.Exit(2)
 
+    backend = None
+    if distributed:
+        import mlxkt
+        from mlxkt.distributed import env_rank, setup
+
+        if env_rank() != 0:
+            setup(model, distributed)  # follows rank 0 until it stops, then exits
+        backend = (lambda p: setup(p, distributed), mlxkt.stream_generate, mlxkt.make_cache)
+
     import uvicorn
 
     from .app import build_state, create_app
 
     state = build_state(
-        model, model_name=model_name, context_length=context_length,
+        model, model_name=model_name, context_length=context_length, backend=backend,
         host=host, port=port, api_key=api_key or None, insecure=insecure,
         allowed_origins=split_list(allowed_origins), allowed_hosts=split_list(allowed_hosts),
         max_queue=max_queue, max_body_bytes=max_body_kb * 1024, default_max_tokens=max_tokens,

@@ -1,0 +1,179 @@
+"""Rank 0 drives, the other ranks follow.
+
+Rank 0 runs the ordinary generate / chat / serve code on a DistributedModel. Each forward call
+first broadcasts a small message (cache id, cache length, tokens), then runs its part of the
+model; the followers run a loop that receives the message and runs the same forward on their
+part with their own caches. So every collective happens in the same order on every rank, and
+any generation code (prefix reuse, cache trimming, sampling) works unchanged on rank 0.
+
+Message (int32 [HEAD + INLINE]): op, cache id, cache length, B, L, up to FREED ids of caches
+rank 0 has dropped, then the first INLINE tokens; longer inputs follow in a second all_sum.
+"""
+
+import atexit
+import itertools
+import threading
+import weakref
+from collections import OrderedDict
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import trim_prompt_cache
+
+FORWARD, STOP = 1, 2
+HEAD, FREED, INLINE = 8, 3, 56
+MAX_FOLLOWER_CACHES = 8  # caches a follower keeps when rank 0 never says it dropped them
+
+
+def head_logits(model: nn.Module, h: mx.array) -> mx.array:
+    # h: [B, L, D] -> logits [B, L, vocab]
+    if getattr(model.args, "tie_word_embeddings", False) and "lm_head" not in model:
+        return model.model.embed_tokens.as_linear(h)
+    return model.lm_head(h)
+
+
+class CacheIds:
+    """Rank 0: a stable id per cache list (keyed by its first entry), and ids of dropped ones."""
+
+    def __init__(self):
+        self.ids = weakref.WeakKeyDictionary()
+        self.counter = itertools.count(1)
+        self.freed: List[int] = []
+        self.lock = threading.Lock()
+
+    def describe(self, cache) -> tuple:
+        if not cache:
+            return 0, 0
+        first = cache[0]
+        cid = self.ids.get(first)
+        if cid is None:
+            cid = self.ids[first] = next(self.counter)
+            weakref.finalize(first, self._drop, cid)
+        return cid, first.offset
+
+    def _drop(self, cid: int) -> None:
+        with self.lock:
+            self.freed.append(cid)
+
+    def take_freed(self) -> List[int]:
+        with self.lock:
+            out, self.freed = self.freed[:FREED], self.freed[FREED:]
+        return out
+
+
+class DistributedModel(nn.Module):
+    """Rank 0's model: same calls as the wrapped one (model(tokens, cache), make_cache, args)."""
+
+    def __init__(self, model: nn.Module, comm, mode: str):
+        super().__init__()
+        self.inner = model
+        self.comm, self.mode = comm, mode
+        self.cache_ids = CacheIds()
+        self.stopped = False
+        atexit.register(self.shutdown)
+
+    def __getattr__(self, key):
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            inner = self.get("inner")
+            if inner is None:
+                raise
+            return getattr(inner, key)
+
+    @property
+    def layers(self):
+        return self.inner.layers
+
+    def make_cache(self):
+        return self.inner.make_cache()
+
+    def __call__(self, inputs: mx.array, cache: Optional[list] = None) -> mx.array:
+        # inputs: [B, L] -> logits [B, L, vocab]
+        if self.stopped:
+            raise RuntimeError("the distributed group was shut down")
+        cid, offset = self.cache_ids.describe(cache)
+        with self.comm.step("a forward step"):
+            self._announce(FORWARD, cid, offset, inputs)
+            h = self.inner.model(inputs, cache)
+            mx.eval(h)  # every collective of this step happens inside the guarded section
+        return head_logits(self.inner, h)
+
+    def _announce(self, op: int, cid: int, offset: int, inputs: Optional[mx.array]) -> None:
+        B, L = inputs.shape if inputs is not None else (0, 0)
+        freed = self.cache_ids.take_freed()
+        head = [op, cid, offset, B, L] + freed + [0] * (FREED - len(freed))
+        flat = inputs.reshape(-1).astype(mx.int32) if inputs is not None else mx.zeros((0,), mx.int32)
+        first = mx.concatenate([mx.array(head, mx.int32), flat[:INLINE],
+                                mx.zeros((INLINE - min(INLINE, flat.size),), mx.int32)])
+        mx.eval(self.comm.all_sum(first))
+        if flat.size > INLINE:
+            mx.eval(self.comm.all_sum(flat[INLINE:]))
+
+    def shutdown(self) -> None:
+        """Tell the followers to exit (also run at exit). Safe to call twice."""
+        if self.stopped or self.comm.size == 1:
+            self.stopped = True
+            return
+        self.stopped = True
+        with self.comm.step("telling the other ranks to stop", seconds=min(self.comm.timeout, 30)):
+            self._announce(STOP, 0, 0, None)
+
+
+class FollowerCaches:
+    """A follower's caches, by rank 0's ids; trimmed to the length rank 0 says they have."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.caches: "OrderedDict[int, list]" = OrderedDict()
+
+    def get(self, cid: int, offset: int) -> Optional[list]:
+        if cid == 0:
+            return None
+        cache = self.caches.get(cid)
+        if cache is None:
+            if offset != 0:
+                raise RuntimeError(f"rank 0 continues cache {cid} at length {offset}, which this "
+                                   f"rank does not hold (it keeps {MAX_FOLLOWER_CACHES} caches)")
+            cache = self.caches[cid] = self.model.make_cache()
+            while len(self.caches) > MAX_FOLLOWER_CACHES:
+                self.caches.popitem(last=False)
+        self.caches.move_to_end(cid)
+        have = cache[0].offset
+        if have < offset:
+            raise RuntimeError(f"cache {cid} holds {have} tokens here but {offset} on rank 0")
+        if have > offset:
+            trim_prompt_cache(cache, have - offset)
+        return cache
+
+    def drop(self, ids) -> None:
+        for cid in ids:
+            self.caches.pop(cid, None)
+
+
+def follow(model: nn.Module, comm) -> None:
+    """The loop of ranks > 0: mirror rank 0's forward calls until it says stop."""
+    caches = FollowerCaches(model)
+    blank = mx.zeros((HEAD + INLINE,), mx.int32)
+    while True:
+        try:  # idle: waiting for rank 0's next step can take forever (a server with no requests)
+            msg = comm.all_sum(blank)
+            mx.eval(msg)
+        except RuntimeError as e:
+            comm.fail("waiting for rank 0", e)
+        op, cid, offset, B, L = msg[:5].tolist()
+        caches.drop([c for c in msg[5:HEAD].tolist() if c])
+        if op == STOP:
+            return
+        with comm.step("a forward step"):
+            tokens = msg[HEAD : HEAD + min(INLINE, B * L)]
+            if B * L > INLINE:
+                tokens = mx.concatenate([tokens, comm.all_sum(mx.zeros((B * L - INLINE,), mx.int32))])
+                mx.eval(tokens)  # now: a pipeline stage never uses them, rank 0 waits for it
+            try:
+                cache = caches.get(cid, offset)
+            except RuntimeError as e:
+                comm.fail("keeping the caches in step with rank 0", e)
+            h = model.model(tokens.reshape(B, L), cache)
+            mx.eval(h)

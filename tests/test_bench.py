@@ -1,0 +1,87 @@
+"""`mlxkt bench` on a tiny synthetic DeepSeek-V3 (CPU smoke test; no timing assertions)."""
+
+import json
+
+import mlx.core as mx
+import pytest
+
+from mlxkt.bench import measure
+from mlxkt.bench.report import table
+from mlxkt.bench.runner import BenchOptions, run_bench
+from mlxkt.bench.synth import slice_config, weight_gb, write_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    config = slice_config("tiny", layers=2, experts=8, top_k=2)
+    return write_model(tmp_path_factory.mktemp("bench") / "tiny", config, bits=4, seed=1)
+
+
+def test_slice_config_keeps_routing_valid():
+    c = slice_config("dsv3", layers=8, experts=32)
+    assert (c["num_hidden_layers"], c["n_routed_experts"], c["num_experts_per_tok"]) == (8, 32, 8)
+    assert c["n_routed_experts"] % c["n_group"] == 0
+    assert (c["n_routed_experts"] // c["n_group"]) * c["topk_group"] >= c["num_experts_per_tok"]
+    c = slice_config("dsv3", layers=2, experts=8)
+    assert c["n_routed_experts"] // c["n_group"] >= 2
+    with pytest.raises(ValueError):
+        slice_config("dsv3", experts=4)
+
+
+def test_weight_size_scales_with_experts():
+    small, big = (weight_gb(slice_config("tiny", layers=2, experts=e)) for e in (8, 16))
+    # 4-bit codes + a bf16 scale and bias per 64 weights, plus a bf16 router row and the
+    # float32 routing bias
+    per_expert = 3 * 256 * 128 * (4 / 8 + 2 * 2 / 64) + 256 * 2 + 4
+    assert big - small == pytest.approx(2 * 8 * per_expert / 1e9, rel=1e-6)
+
+
+def test_both_engines_open_the_same_files(tiny_dir):
+    kt = measure.mlxkt_engine(tiny_dir, dtype=mx.float32)
+    lm = measure.mlx_lm_engine(tiny_dir, dtype=mx.float32)
+    x = mx.array([[5, 9, 13, 40, 41]])
+    a, b = kt.model(x), lm.model(x)
+    assert mx.allclose(a, b, atol=2e-3, rtol=2e-3).item()
+    ab = measure.active_bytes(kt.model)
+    assert ab["routed_active"] == pytest.approx(ab["routed_all"] * 2 / 8)
+
+
+def test_bench_runs_and_reports_ratios(tiny_dir, tmp_path):
+    o = BenchOptions(model=str(tiny_dir), prefill=[24], contexts=[40], decode_tokens=4,
+                     repeats=1, breakdown_contexts=[40], breakdown_reps=2, out=str(tmp_path))
+    result = run_bench(o, log=lambda s: None)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["ratios"] == result["ratios"]
+    for key in ("machine", "copy_gbps", "engines", "ratios", "commit", "command"):
+        assert key in saved
+    for name in ("mlxkt", "mlx-lm"):
+        e = saved["engines"][name]
+        assert e["prefill"]["24"]["tok_s"] > 0 and e["decode"]["40"]["ms_per_token"] > 0
+        assert e["active_gb_per_token"] > 0 and e["graph"]["non_view_nodes"] > 0
+        rows = {r["component"] for r in e["breakdown"][0]["rows"]}
+        assert {"moe.switch_mlp", "self_attn.o_proj", "lm_head"} <= rows
+    assert set(saved["ratios"]["mlxkt / mlx-lm"]) == {"prefill 24", "decode 40"}
+    assert "mlxkt / mlx-lm" in table(saved)
+
+
+def test_decode_cache_fill_sets_context(tiny_dir):
+    e = measure.mlxkt_engine(tiny_dir)
+    cache = measure.fill_cache(e, 100)
+    assert all(c.offset == 100 for c in cache)
+    assert cache[0].keys.shape[-1] == 128 and cache[0].values.shape[-1] == 64
+
+
+@pytest.mark.parametrize("variant", ["compile-layer", "mla-gemm", "moe-segments"])
+def test_variants_decode_like_the_engine(tiny_dir, variant):
+    from mlxkt.bench import variants
+
+    base = measure.mlxkt_engine(tiny_dir, dtype=mx.float32)
+    e = measure.mlxkt_engine(tiny_dir, dtype=mx.float32)
+    variants.apply_variant(e, variant)
+    for layer in e.model.model.layers:  # let the segmented path run on a short prompt
+        m = getattr(layer, "layer", layer).mlp
+        if isinstance(m.get("switch_mlp"), variants._SegmentedExperts):
+            object.__setattr__(m.switch_mlp, "min_pairs", 4)
+    prompt = measure.random_prompt(20, base.model.args.vocab_size)
+    want = list(base.stream(prompt, base.make_cache(), 6))
+    assert list(e.stream(prompt, e.make_cache(), 6)) == want
