@@ -4,6 +4,7 @@ Public API (imports are lazy so `mlxkt --help` stays instant):
     model, tokenizer = mlxkt.load(path)
     cache = mlxkt.make_cache(model)
     for r in mlxkt.stream_generate(model, tokenizer, prompt): ...
+    model = mlxkt.optimize(model)   # mlxkt's kernels in any DeepSeek/Mixtral model, mlx-lm's too
 """
 
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ _LAZY = {
     "make_cache": "mlxkt.loader",
     "generate": "mlxkt.generate",
     "stream_generate": "mlxkt.generate",
+    "optimize": "mlxkt.inject",
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import _get_classes, load_model, quantize_model, save_config, save_model
 
-import mlxkt.optimize as opt
+import mlxkt.inject as opt
 from mlxkt.kernels.dispatch import KernelFallbackWarning
 
 DEEPSEEK_V3 = {
@@ -102,3 +102,9 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_package_level_one_liner():
+    import mlxkt
+
+    assert mlxkt.optimize is opt.optimize
