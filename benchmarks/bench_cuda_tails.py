@@ -9,9 +9,7 @@ each case in its own process (an illegal access poisons the CUDA context), and p
     python benchmarks/bench_cuda_tails.py            # on the GPU machine; ~2 min cold
 """
 
-import json
-import subprocess
-import sys
+from isolate import run_isolated
 
 CASES = {
     # dense quantized matmul (every linear of a prefill chunk): qmm_sm80 / qmm_sm90
@@ -54,17 +52,7 @@ print("ok", y.shape)
 
 
 def main():
-    out = {}
-    for name, expr in CASES.items():
-        try:
-            p = subprocess.run([sys.executable, "-c", BODY.replace("{expr}", expr)],
-                               capture_output=True, text=True, timeout=240)
-            ok = p.returncode == 0 and "ok" in p.stdout
-            out[name] = "ok" if ok else f"FAILED rc={p.returncode}: {(p.stderr or p.stdout).strip()[-300:]}"
-        except subprocess.TimeoutExpired:
-            out[name] = "timeout"
-        print(f"{name:24} {out[name]}", flush=True)
-    print(json.dumps(out, indent=1))
+    run_isolated({name: BODY.replace("{expr}", expr) for name, expr in CASES.items()}, timeout=240)
 
 
 if __name__ == "__main__":

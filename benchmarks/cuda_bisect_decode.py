@@ -2,9 +2,9 @@
 files and building in memory, and between generate_step and step-by-step evaluation.
 Each case runs in its own process. Usage: python benchmarks/cuda_bisect_decode.py WORKDIR"""
 
-import json
-import subprocess
 import sys
+
+from isolate import run_isolated
 
 SETUP = r'''
 import sys, mlx.core as mx, mlxkt
@@ -32,17 +32,8 @@ def main():
     from mlxkt.bench.synth import slice_config, write_model
 
     write_model(workdir, slice_config(layers=2, experts=32))
-    out = {}
-    for name, body in CASES.items():
-        code = SETUP + body + "\nmx.synchronize(); print('ok')"
-        try:
-            p = subprocess.run([sys.executable, "-c", code, workdir], capture_output=True, text=True, timeout=90)
-            ok = p.returncode == 0 and "ok" in p.stdout
-            out[name] = "ok" if ok else f"FAILED rc={p.returncode}: {(p.stderr or p.stdout).strip()[-240:]}"
-        except subprocess.TimeoutExpired:
-            out[name] = "timeout"
-        print(f"{name:30} {out[name]}", flush=True)
-    print(json.dumps(out, indent=1))
+    run_isolated({n: SETUP + body + "\nmx.synchronize(); print('ok')" for n, body in CASES.items()},
+                 timeout=90, args=(workdir,))
 
 
 if __name__ == "__main__":

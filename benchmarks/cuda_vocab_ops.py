@@ -7,9 +7,7 @@ sampling. Each case runs in its own process (an illegal access poisons the CUDA 
     python benchmarks/cuda_vocab_ops.py
 """
 
-import json
-import subprocess
-import sys
+from isolate import run_isolated
 
 CASES = {
     "logsumexp_bf16_129280": "mx.logsumexp(x, axis=-1, keepdims=True)",
@@ -35,17 +33,7 @@ print("ok", y.shape)
 
 
 def main():
-    out = {}
-    for name, expr in CASES.items():
-        try:
-            p = subprocess.run([sys.executable, "-c", BODY.replace("{expr}", expr)],
-                               capture_output=True, text=True, timeout=120)
-            ok = p.returncode == 0 and "ok" in p.stdout
-            out[name] = "ok" if ok else f"FAILED rc={p.returncode}: {(p.stderr or p.stdout).strip()[-300:]}"
-        except subprocess.TimeoutExpired:
-            out[name] = "timeout"
-        print(f"{name:26} {out[name]}", flush=True)
-    print(json.dumps(out, indent=1))
+    run_isolated({name: BODY.replace("{expr}", expr) for name, expr in CASES.items()}, timeout=120)
 
 
 if __name__ == "__main__":

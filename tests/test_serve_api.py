@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from test_serve_common import MODEL, R1_MODEL, base_state, r1_state, serve  # noqa: F401 (fixtures)
+from test_serve_common import server, r1_server, MODEL, R1_MODEL, base_state, r1_state, serve  # noqa: F401 (fixtures)
 
 openai = pytest.importorskip("openai")
 ollama = pytest.importorskip("ollama")
@@ -14,20 +14,6 @@ ollama = pytest.importorskip("ollama")
 EMOJI = 'EMOJI = ["😀", "🎉", "😀", "🎉", "😀", "🎉", "😀",'
 CJK = 's = "日本語のテキスト 日本語のテキスト 日本語のテキスト 日本語'
 CODE = "def load_model(path):"
-
-
-@pytest.fixture(scope="module")
-def server(base_state):
-    s = serve(base_state)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def r1_server(r1_state):
-    s = serve(r1_state)
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

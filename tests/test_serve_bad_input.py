@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from test_serve_common import MODEL, base_state, serve, wait_idle  # noqa: F401 (fixtures)
+from test_serve_common import server, MODEL, base_state, serve, wait_idle  # noqa: F401 (fixtures)
 
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
@@ -111,13 +111,6 @@ CASES = [
     ("unknown-ollama-route", "POST", "/api/pull", {"model": "x"}, 404),
 ]
 assert len(CASES) >= 40
-
-
-@pytest.fixture(scope="module")
-def server(base_state):
-    s = serve(base_state)
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

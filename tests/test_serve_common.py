@@ -115,6 +115,20 @@ class Served:
         self.server.stop()
 
 
+@pytest.fixture(scope="module")
+def server(base_state):
+    s = serve(base_state)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def r1_server(r1_state):
+    s = serve(r1_state)
+    yield s
+    s.stop()
+
+
 def serve(state):
     return Served(state)
 

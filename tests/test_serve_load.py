@@ -9,18 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from test_serve_common import MODEL, base_state, serve, wait_idle  # noqa: F401 (fixtures)
+from test_serve_common import server, MODEL, base_state, serve, wait_idle  # noqa: F401 (fixtures)
 
 openai = pytest.importorskip("openai")
 
 LONG = 2000  # tokens: a stream that is never read to the end (~30 s if nobody cancels it)
-
-
-@pytest.fixture(scope="module")
-def server(base_state):
-    s = serve(base_state)
-    yield s
-    s.stop()
 
 
 def chat_body(prompt, max_tokens, stream, **kw):

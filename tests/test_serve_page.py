@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_serve_common import (MODEL, R1_MODEL, base_state, r1_state, serve, wait_idle,  # noqa: F401
+from test_serve_common import (server, r1_server, MODEL, R1_MODEL, base_state, r1_state, serve, wait_idle,  # noqa: F401
                                with_settings)
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -34,20 +34,6 @@ def browser():
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
-
-
-@pytest.fixture(scope="module")
-def server(base_state):
-    s = serve(base_state)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def r1_server(r1_state):
-    s = serve(r1_state)
-    yield s
-    s.stop()
 
 
 @pytest.fixture
