@@ -126,16 +126,17 @@ class ChatSession:
             p += 1
         if "mtp" in self.model:
             p = max(p - 1, 0)  # the MTP entry at p-1 depends on token p, which may change
-        trim_prompt_cache(self.cache, len(self.cached) - p)
+        trim_prompt_cache(self.cache, self.cache[0].offset - p)
+        self.cached = tokens[:p]  # still true if the caller stops reading the reply early
         reply = []
-        for r in stream_generate(self.model, self.tokenizer, tokens[p:], max_tokens=max_tokens,
-                                 sampling=sampling, prompt_cache=self.cache, **gen_kw):
-            reply.append(r)
-            yield r
-        # The cache holds a prefix of prompt + reply (the last token is never fed back).
-        self.cached = (tokens + [r.token for r in reply])[: self.cache[0].offset]
-        answer = "".join(r.text for r in reply)
-        self.messages.append({"role": "assistant", "content": answer})
+        try:
+            for r in stream_generate(self.model, self.tokenizer, tokens[p:], max_tokens=max_tokens,
+                                     sampling=sampling, prompt_cache=self.cache, **gen_kw):
+                reply.append(r)
+                yield r
+        finally:  # also when the caller stops reading early: keep history and cache in step
+            self.cached = (tokens + [r.token for r in reply])[: self.cache[0].offset]
+            self.messages.append({"role": "assistant", "content": "".join(r.text for r in reply)})
 
 
 def run_chat(model_path: str, *, system=None, use_template=True, max_tokens=1024,

@@ -132,6 +132,8 @@ def stream_generate(
 ) -> Generator[GenerationResponse, None, None]:
     """Stream text segments with mlx-lm's statistics. kwargs go to generate_step."""
     tokens = _as_tokens(tokenizer, prompt)
+    if tokens.size == 0:
+        raise ValueError("the prompt is empty: there is no token to continue from")
     detok = tokenizer.detokenizer
     detok.reset()
     stops = StopMatcher(stop_strings)

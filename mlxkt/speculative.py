@@ -134,8 +134,12 @@ def mtp_generate_step(
     n = 0
     N = draft_tokens
     try:
+        if max_tokens == 0:
+            return
+        n += 1  # counted before each yield: a consumer may close the generator there
         yield y, lp, False
-        n += 1
+        if n == max_tokens:
+            return
         cur = _Cycle(model, main, mcache, mx.array(y), d_logits, d_h, N, sampling)
         while max_tokens < 0 or n < max_tokens:
             # Queue the next cycle as if every draft will be accepted (the common case), so
@@ -153,8 +157,8 @@ def mtp_generate_step(
                 trim_prompt_cache(mcache, (N + 1) + (N - j))
                 nxt = None
             for k in range(j + 1):
-                yield toks[k], cur.lps[k], k < j
                 n += 1
+                yield toks[k], cur.lps[k], k < j
                 if n == max_tokens:
                     return
             cur = nxt or _Cycle(model, main, mcache, *cur.after(j), N, sampling)

@@ -105,3 +105,21 @@ def test_chat_session_reuses_cache_and_matches_fresh(tokenizer):
     fresh = [r.token for r in stream_generate(
         model, tokenizer, encode(tokenizer, render(tokenizer, msgs)), max_tokens=8)]
     assert second == fresh
+
+
+def test_chat_session_survives_a_reply_abandoned_early(tokenizer):
+    model = deepseek_tiny()
+    s = ChatSession(model, tokenizer)
+    for _ in s.ask("hello there", 10):
+        break  # e.g. a stop button
+    assert len(s.cached) == s.cache[0].offset
+    second = [r.token for r in s.ask("and again", 6)]
+    msgs = s.messages[:-1]  # the history as the session rendered it for the second turn
+    fresh = [r.token for r in stream_generate(
+        model, tokenizer, encode(tokenizer, render(tokenizer, msgs)), max_tokens=6)]
+    assert second == fresh
+
+
+def test_empty_prompt_is_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="empty"):
+        next(stream_generate(deepseek_tiny(), tokenizer, [], max_tokens=3))

@@ -163,3 +163,17 @@ def test_chat_session_with_mtp_matches_plain(model, tmp_path):
             {"role": "user", "content": "and again"}]
     prompt = mx.array(encode(tok, render(tok, msgs)))
     assert second == [t for t, *_ in generate_step(prompt, model, max_tokens=8, mtp=False)]
+
+
+def test_closing_early_keeps_every_emitted_token_but_the_last(model):
+    cache = model.make_cache()
+    g = generate_step(PROMPT, model, max_tokens=20, prompt_cache=cache)
+    got = [next(g)[0] for _ in range(7)]
+    g.close()
+    assert {c.offset for c in cache} == {PROMPT.size + 7 - 1}
+    assert got == plain_greedy(model, PROMPT, 7)
+
+
+def test_max_tokens_zero_and_one(model):
+    assert list(generate_step(PROMPT, model, max_tokens=0)) == []
+    assert [t for t, *_ in generate_step(PROMPT, model, max_tokens=1)] == plain_greedy(model, PROMPT, 1)
