@@ -7,7 +7,6 @@ next token t_{i+1} and predicts t_{i+2}:
     logits = shared_head.head(shared_head.norm(x))
 """
 
-import json
 from pathlib import Path
 from typing import List, Optional
 

@@ -178,7 +178,7 @@ def test_small_shards(tmp_path):
 
 def test_kv_b_split_matches_loader(tmp_path):
     """The conversion's split equals mlxkt's loader split of the unsplit kv_b_proj."""
-    from mlxkt.layers.mla import split_kv_b
+    from mlxkt.layers.kv_b import split_kv_b
 
     src = build(tmp_path / "src", "dsv3", fp8=False)
     dst = convert(src, tmp_path / "out", quantize=False, progress=False)

@@ -318,7 +318,7 @@ def unrequantize_kv_b(model, reference) -> None:
     mlx-lm's model holds, undoing the re-quantization mlxkt's loader applies to its parts."""
     import mlx.core as mx
     from mlx_lm.models.mla import MultiLinear
-    from mlxkt.layers.mla import split_kv_b
+    from mlxkt.layers.kv_b import split_kv_b
 
     a = model.args
     for ours, theirs in zip(model.layers, reference.layers):

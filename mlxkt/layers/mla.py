@@ -14,7 +14,6 @@ from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.rope_utils import apply_yarn_mscale, initialize_rope
 
 from ..config import ModelArgs
-from .kv_b import split_kv_b  # noqa: F401  (re-exported)
 
 # Query lengths up to this use the absorbed path.
 ABSORB_MAX_L = 16

@@ -12,7 +12,8 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from ..config import ModelArgs
-from ..layers.mla import MLAttention, split_kv_b
+from ..layers.kv_b import split_kv_b
+from ..layers.mla import MLAttention
 from ..layers.moe import MLP, DeepseekMoE
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
