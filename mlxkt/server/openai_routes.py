@@ -34,6 +34,29 @@ def _usage(f: Finish) -> dict:
     }
 
 
+def _sse_response(handle, first, piece, finish) -> DisconnectAwareStream:
+    """SSE over one generation: the `first` events, `piece(ev)` per text piece, the events of
+    `finish(ev)`, then [DONE]; an engine error becomes an error event. Leaving cancels it."""
+    async def events():
+        try:
+            for e in first:
+                yield e
+            async for ev in handle:
+                if not isinstance(ev, Finish):
+                    yield piece(ev)
+                elif ev.reason == "error":
+                    yield _sse({"error": {"message": f"generation failed: {ev.error}",
+                                          "type": "server_error", "param": None, "code": "generation_error"}})
+                else:
+                    for e in finish(ev):
+                        yield e
+            yield "data: [DONE]\n\n"
+        finally:
+            handle.cancel()
+
+    return DisconnectAwareStream(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
 def _model_card(state: ServerState) -> dict:
     return {"id": state.settings.model_name, "object": "model", "created": int(state.info.modified_at),
             "owned_by": "mlxkt", "context_length": state.info.context_length}
@@ -78,37 +101,28 @@ def register(app: FastAPI) -> None:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         if req.stream:
-            async def events():
-                def chunk(delta, finish=None):
-                    c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-                    if include_usage:
-                        c["usage"] = None
-                    return _sse(c)
+            def chunk(delta, finish=None):
+                c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                if include_usage:
+                    c["usage"] = None
+                return _sse(c)
 
-                try:
-                    yield chunk({"role": "assistant", "content": ""})
-                    async for ev in handle:
-                        if not isinstance(ev, Finish):
-                            delta = {}
-                            if ev.reasoning:
-                                delta["reasoning_content"] = ev.reasoning
-                            if ev.content:
-                                delta["content"] = ev.content
-                            yield chunk(delta)
-                        elif ev.reason == "error":
-                            yield _sse({"error": {"message": f"generation failed: {ev.error}",
-                                                  "type": "server_error", "param": None, "code": "generation_error"}})
-                        else:
-                            yield chunk({}, _finish_reason(ev))
-                            if include_usage:
-                                yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                            "model": name, "choices": [], "usage": _usage(ev)})
-                    yield "data: [DONE]\n\n"
-                finally:
-                    handle.cancel()
+            def piece(ev):
+                delta = {}
+                if ev.reasoning:
+                    delta["reasoning_content"] = ev.reasoning
+                if ev.content:
+                    delta["content"] = ev.content
+                return chunk(delta)
 
-            return DisconnectAwareStream(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+            def finish(ev):
+                yield chunk({}, _finish_reason(ev))
+                if include_usage:
+                    yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                "model": name, "choices": [], "usage": _usage(ev)})
+
+            return _sse_response(handle, [chunk({"role": "assistant", "content": ""})], piece, finish)
 
         got = await collect(request, handle)
         if got is None:
@@ -145,23 +159,12 @@ def register(app: FastAPI) -> None:
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
         if req.stream:
-            async def events():
-                try:
-                    async for ev in handle:
-                        if not isinstance(ev, Finish):
-                            yield _sse(body(ev.content))
-                        elif ev.reason == "error":
-                            yield _sse({"error": {"message": f"generation failed: {ev.error}",
-                                                  "type": "server_error", "param": None, "code": "generation_error"}})
-                        else:
-                            yield _sse(body("", _finish_reason(ev)))
-                            if include_usage:
-                                yield _sse({**body(""), "choices": [], "usage": _usage(ev)})
-                    yield "data: [DONE]\n\n"
-                finally:
-                    handle.cancel()
+            def finish(ev):
+                yield _sse(body("", _finish_reason(ev)))
+                if include_usage:
+                    yield _sse({**body(""), "choices": [], "usage": _usage(ev)})
 
-            return DisconnectAwareStream(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+            return _sse_response(handle, [], lambda ev: _sse(body(ev.content)), finish)
 
         got = await collect(request, handle)
         if got is None:
