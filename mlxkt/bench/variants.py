@@ -39,20 +39,9 @@ class _CompiledLayer(nn.Module):
         object.__setattr__(self, "a", a)
 
     def _pre(self, x, offset):
-        a, B, L = self.a, x.shape[0], x.shape[1]
-        x = self.layer.input_layernorm(x)
-        if a.q_lora_rank is None:
-            q = a.q_proj(x)
-        else:
-            q = a.q_b_proj(a.q_a_layernorm(a.q_a_proj(x)))
-        q = q.reshape(B, L, a.num_heads, a.q_head_dim).transpose(0, 2, 1, 3)
-        q_nope, q_pe = mx.split(q, [a.qk_nope_head_dim], axis=-1)  # [B, H, L, *]
-        kv = a.kv_a_proj_with_mqa(x)
-        latent, k_pe = mx.split(kv, [a.kv_lora_rank], axis=-1)
-        latent = a.kv_a_layernorm(latent)[:, None]  # [B, 1, L, r]
-        k_pe = k_pe.reshape(B, 1, L, a.qk_rope_head_dim)
-        q_pe = a.rope(q_pe, offset) * a.scale
-        return a.embed_q(q_nope), q_pe, latent, a.rope(k_pe, offset)
+        a = self.a
+        q_nope, q_pe, latent, k_pe = a.project(self.layer.input_layernorm(x), offset)
+        return a.embed_q(q_nope), q_pe * a.scale, latent, k_pe
 
     def _post(self, out, x):
         a, B, L = self.a, x.shape[0], x.shape[1]

@@ -54,23 +54,27 @@ class MLAttention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
-    def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Any = None):
-        B, L, _ = x.shape  # x: [B, L, D]
+    def project(self, x: mx.array, offset=0):
+        """Queries and the new cache entries of x, roped at `offset`.
+        x: [B, L, D] -> q_nope, q_pe [B, H, L, *]; latent [B, 1, L, r]; k_pe [B, 1, L, rope]"""
+        B, L, _ = x.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.reshape(B, L, self.num_heads, self.q_head_dim).transpose(0, 2, 1, 3)
-        q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)  # [B, H, L, *]
+        q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)
 
         kv = self.kv_a_proj_with_mqa(x)
         latent, k_pe = mx.split(kv, [self.kv_lora_rank], axis=-1)
-        latent = self.kv_a_layernorm(latent)[:, None]  # [B, 1, L, r]
-        k_pe = k_pe.reshape(B, 1, L, self.qk_rope_head_dim)  # [B, 1, L, rope]
+        latent = self.kv_a_layernorm(latent)[:, None]
+        k_pe = k_pe.reshape(B, 1, L, self.qk_rope_head_dim)
+        return q_nope, self.rope(q_pe, offset), latent, self.rope(k_pe, offset)
 
+    def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Any = None):
+        B, L, _ = x.shape  # x: [B, L, D]
         offset = cache.offset if cache is not None else 0
-        q_pe = self.rope(q_pe, offset)
-        k_pe = self.rope(k_pe, offset)
+        q_nope, q_pe, latent, k_pe = self.project(x, offset)
         if cache is not None:
             latent, k_pe = cache.update_and_fetch(latent, k_pe)  # [B, 1, S, *]
 
