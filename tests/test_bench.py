@@ -85,3 +85,16 @@ def test_variants_decode_like_the_engine(tiny_dir, variant):
     prompt = measure.random_prompt(20, base.model.args.vocab_size)
     want = list(base.stream(prompt, base.make_cache(), 6))
     assert list(e.stream(prompt, e.make_cache(), 6)) == want
+
+
+def test_synthetic_model_is_written_by_a_child_and_reused(tmp_path):
+    from mlxkt.bench.synth import write_model_in_child
+
+    config = slice_config("tiny", layers=1, experts=4, top_k=2)
+    out = write_model_in_child(tmp_path / "m", config, bits=4, group_size=32)
+    assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
+    stamp = (out / "config.json").stat().st_mtime_ns
+    assert write_model_in_child(tmp_path / "m", config, bits=4, group_size=32) == out
+    assert (out / "config.json").stat().st_mtime_ns == stamp  # same recipe: not rewritten
+    e = measure.mlxkt_engine(out)
+    assert e.model.args.n_routed_experts == 4

@@ -126,14 +126,14 @@ def run_bench(o: BenchOptions, log=print) -> dict:
 
     path = o.model
     if path is None:
-        from .synth import slice_config, write_model
+        from .synth import slice_config, write_model_in_child
 
         config = slice_config(o.preset, o.layers, o.experts, o.top_k, o.dense_layers, o.vocab)
         if o.workdir is None:
             tmp = tempfile.TemporaryDirectory(prefix="mlxkt-bench-")
         root = Path(o.workdir or tmp.name) / f"synth-{o.preset}-{o.layers}l-{o.experts}e-{o.bits}b"
         t0 = time.perf_counter()
-        path = write_model(root, config, o.bits, o.group_size)
+        path = write_model_in_child(root, config, o.bits, o.group_size)
         result["synth_write_s"] = time.perf_counter() - t0
         log(f"synthetic model written to {path} in {result['synth_write_s']:.1f} s")
     result["model_path"] = str(path)

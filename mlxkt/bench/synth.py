@@ -7,6 +7,8 @@ experts; with the same top-k it reads the same active bytes per MoE layer per to
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -141,6 +143,24 @@ def write_model(out: Path, config: dict, bits: int = 4, group_size: int = 64,
                        "recipe": "uniform", "bits_per_weight": None}
     (out / "config.json").write_text(json.dumps(config, indent=1))
     write_tokenizer(out)
+    return out
+
+
+def write_model_in_child(out: Path, config: dict, bits: int = 4, group_size: int = 64) -> Path:
+    """write_model in a child process, reusing a directory written with the same recipe.
+
+    On MLX CUDA (0.32.4), a process that builds and saves the model and then loads it back
+    later dies in its first decode with "cudaGraphAddKernelNode ... illegal memory access";
+    loading in a process that did not write the files runs cleanly (benchmarks/RESULTS.md)."""
+    out = Path(out)
+    recipe = json.dumps({"config": config, "bits": bits, "group_size": group_size}, sort_keys=True)
+    stamp = out / "mlxkt-synth-recipe.json"
+    if stamp.exists() and stamp.read_text() == recipe:
+        return out
+    code = ("import json, sys; from mlxkt.bench.synth import write_model; "
+            "r = json.loads(sys.argv[2]); write_model(sys.argv[1], r['config'], r['bits'], r['group_size'])")
+    subprocess.run([sys.executable, "-c", code, str(out), recipe], check=True)
+    stamp.write_text(recipe)
     return out
 
 
