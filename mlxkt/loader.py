@@ -10,6 +10,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model
 from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
+from .layers.decode_compile import compile_default, set_compiled_decode
 from .loader_utils import cast_floats
 from .models import get_model_classes
 from .mtp import load_mtp
@@ -60,10 +61,12 @@ def default_dtype() -> Optional[mx.Dtype]:
 
 
 def load(
-    path, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = True
+    path, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = True,
+    compile: Optional[bool] = None,
 ) -> Tuple[nn.Module, TokenizerWrapper]:
     """Load a converted model. `mtp=True` attaches the MTP layer when the directory has one
-    (generation then decodes speculatively)."""
+    (generation then decodes speculatively). `compile`: decode steps through mx.compile
+    (None: on GPUs, see layers/decode_compile.py)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"{path}: no such model directory")
@@ -75,6 +78,8 @@ def load(
         cast_floats(model, dtype, model.cast_predicate if hasattr(model, "cast_predicate") else None)
     if mtp:
         load_mtp(model, path, dtype)
+    if compile_default() if compile is None else compile:
+        set_compiled_decode(model)
     if not lazy:
         mx.eval(model.parameters())
     eos = config.get("eos_token_id")

@@ -71,7 +71,7 @@ def test_decode_cache_fill_sets_context(tiny_dir):
     assert cache[0].keys.shape[-1] == 128 and cache[0].values.shape[-1] == 64
 
 
-@pytest.mark.parametrize("variant", ["compile-layer", "mla-gemm", "moe-segments"])
+@pytest.mark.parametrize("variant", ["compiled", "eager", "compiled+mla-gemm", "moe-segments"])
 def test_variants_decode_like_the_engine(tiny_dir, variant):
     from mlxkt.bench import variants
 
@@ -79,7 +79,7 @@ def test_variants_decode_like_the_engine(tiny_dir, variant):
     e = measure.mlxkt_engine(tiny_dir, dtype=mx.float32)
     variants.apply_variant(e, variant)
     for layer in e.model.model.layers:  # let the segmented path run on a short prompt
-        m = getattr(layer, "layer", layer).mlp
+        m = layer.mlp
         if isinstance(m.get("switch_mlp"), variants._SegmentedExperts):
             object.__setattr__(m.switch_mlp, "min_pairs", 4)
     prompt = measure.random_prompt(20, base.model.args.vocab_size)

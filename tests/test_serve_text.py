@@ -6,7 +6,7 @@ import random
 import pytest
 
 from mlxkt.server.errors import APIError
-from mlxkt.server.prefix_cache import common_prefix
+from mlxkt.server.prefix_cache import PrefixCache, common_prefix
 from mlxkt.server.protocol import ChatCompletionRequest, OllamaChatRequest, parse_json, validate
 from mlxkt.server.settings import ServerSettings, check_bind, is_loopback
 from mlxkt.server.textstream import StopMatcher, ThinkSplitter
@@ -107,6 +107,27 @@ def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([1, 2], [1, 2, 3]) == 2
     assert common_prefix([], [1]) == 0
+
+
+@pytest.mark.parametrize("step_back", [0, 1])
+def test_prefix_cache_steps_back_for_mtp(step_back):
+    from mlx_lm.models.cache import KVCache
+    import mlx.core as mx
+
+    def filled(n):
+        cache = [KVCache(), KVCache()]  # e.g. one main layer and one MTP layer
+        for c in cache:
+            c.update_and_fetch(mx.zeros((1, 1, n, 4)), mx.zeros((1, 1, n, 2)))
+        return cache
+
+    pc = PrefixCache(lambda: filled(0), step_back=step_back)
+    pc.store(filled(6), [1, 2, 3, 4, 5, 6])
+    cache, n = pc.take([1, 2, 3, 4, 9, 9, 9])  # differs at position 4
+    # the MTP entry at 3 paired h_3 with the old token 5: stepped back past it when asked
+    assert n == 4 - step_back and all(c.offset == n for c in cache)
+    pc.store(cache, [1, 2, 3, 4, 9, 9, 9][:n])
+    cache, n2 = pc.take([1, 2, 3, 4, 9, 9, 9][:n] + [7, 8])  # only extends: nothing stale
+    assert n2 == n
 
 
 def test_parse_json_rejects_non_standard_and_broken_bodies():

@@ -71,31 +71,42 @@ class MLAttention(nn.Module):
         k_pe = k_pe.reshape(B, 1, L, self.qk_rope_head_dim)
         return q_nope, self.rope(q_pe, offset), latent, self.rope(k_pe, offset)
 
-    def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Any = None):
-        B, L, _ = x.shape  # x: [B, L, D]
-        offset = cache.offset if cache is not None else 0
+    def absorbed_queries(self, x: mx.array, offset=0):
+        """project() with the queries moved into latent space (decode, MTP verification).
+        x: [B, L, D] -> q_lat [B, H, L, r], q_pe (pre-scaled) [B, H, L, rope], latent, k_pe"""
         q_nope, q_pe, latent, k_pe = self.project(x, offset)
-        if cache is not None:
-            latent, k_pe = cache.update_and_fetch(latent, k_pe)  # [B, 1, S, *]
+        return self.embed_q(q_nope), q_pe * self.scale, latent, k_pe
 
-        # The rope part of the scores, with the causal mask folded in, is passed to SDPA
-        # as an additive mask so the nope part can run in whichever space is cheaper.
-        pe_scores = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)  # [B, H, L, S]
+    def attend(self, q, q_pe, k, v, k_pe, mask=None):
+        """SDPA of q over (k, v) plus the rope scores q_pe . k_pe, which ride in as the
+        additive mask (with the causal mask folded in), so q/k may live in either space."""
+        # q: [B, H, L, dq], q_pe: [B, H, L, rope] (pre-scaled), k/v: [B, 1|H, S, *]
+        pe_scores = q_pe @ k_pe.swapaxes(-1, -2)  # [B, H, L, S]
         if mask is not None:
             neg = mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype)
             pe_scores = mx.where(mask, pe_scores, neg)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pe_scores)
 
-        if L <= ABSORB_MAX_L:
-            q_lat = self.embed_q(q_nope)  # [B, H, L, r]
-            out = mx.fast.scaled_dot_product_attention(
-                q_lat, latent, latent, scale=self.scale, mask=pe_scores
-            )  # [B, H, L, r]
-            out = self.unembed_out(out)  # [B, H, L, v]
-        else:
-            k = self.embed_q(latent, transpose=False)  # [B, H, S, nope]
-            v = self.unembed_out(latent)  # [B, H, S, v]
-            out = mx.fast.scaled_dot_product_attention(
-                q_nope, k, v, scale=self.scale, mask=pe_scores
-            )
-        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+    def absorbed_output(self, out: mx.array) -> mx.array:
+        # out: [B, H, L, r] over the latent -> [B, L, D]
+        B, _, L, _ = out.shape
+        out = self.unembed_out(out).transpose(0, 2, 1, 3).reshape(B, L, -1)  # [B, L, H*v]
         return self.o_proj(out)
+
+    def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Any = None):
+        B, L, _ = x.shape  # x: [B, L, D]
+        offset = cache.offset if cache is not None else 0
+        if L <= ABSORB_MAX_L:
+            q_lat, q_pe, latent, k_pe = self.absorbed_queries(x, offset)
+            if cache is not None:
+                latent, k_pe = cache.update_and_fetch(latent, k_pe)  # [B, 1, S, *]
+            return self.absorbed_output(self.attend(q_lat, q_pe, latent, latent, k_pe, mask))
+
+        # Long prefill: expanding K/V per head is cheaper than absorbing.
+        q_nope, q_pe, latent, k_pe = self.project(x, offset)
+        if cache is not None:
+            latent, k_pe = cache.update_and_fetch(latent, k_pe)
+        k = self.embed_q(latent, transpose=False)  # [B, H, S, nope]
+        v = self.unembed_out(latent)  # [B, H, S, v]
+        out = self.attend(q_nope, q_pe * self.scale, k, v, k_pe, mask)  # [B, H, L, v]
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

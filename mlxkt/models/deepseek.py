@@ -39,6 +39,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x, mask=None, cache=None):
+        fast = getattr(self, "compiled_decode", None)  # set by layers.decode_compile
+        y = fast(x, mask, cache) if fast is not None else None
+        if y is not None:
+            return y
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 

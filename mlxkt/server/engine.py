@@ -210,6 +210,7 @@ class Engine:
         try:
             try:
                 self.model, self.tokenizer = self._load()
+                self._prefix.step_back = int(isinstance(self.model, dict) and "mtp" in self.model)
             except BaseException as e:
                 ready.put(e)
                 return

@@ -27,9 +27,12 @@ def _cache_length(cache) -> Optional[int]:
 
 
 class PrefixCache:
-    def __init__(self, make_cache: Callable[[], list], enabled: bool = True):
+    def __init__(self, make_cache: Callable[[], list], enabled: bool = True, step_back: int = 0):
         self.make_cache = make_cache
         self.enabled = enabled
+        # MTP models: the MTP cache entry at position i pairs h_i with token i+1, so the
+        # entry before the first differing token is stale too (a worse draft, not wrong output).
+        self.step_back = step_back
         self.cache: Optional[list] = None
         self.tokens: List[int] = []  # the tokens whose keys/values `cache` holds
 
@@ -45,6 +48,8 @@ class PrefixCache:
         if reuse and self.enabled and cache is not None and can_trim_prompt_cache(cache):
             # Keep at least one prompt token to run: its logits give the first new token.
             n = min(common_prefix(tokens, prompt), len(prompt) - 1)
+            if n < len(tokens):  # a prompt that only extends the cache keeps every entry
+                n -= self.step_back
             if n > 0:
                 trim_prompt_cache(cache, len(tokens) - n)
                 return cache, n

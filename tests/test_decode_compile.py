@@ -1,0 +1,62 @@
+"""The compiled decode path (layers/decode_compile.py) against the eager layers."""
+
+import mlx.core as mx
+import pytest
+
+from mlxkt.generate import generate_step
+from mlxkt.layers.decode_compile import compile_default, set_compiled_decode
+from mlxkt.speculative import SpecStats
+from mlxkt.demo import DEMO_CONFIG
+from tiny_models import attach_random_mtp, deepseek_tiny, random_model
+
+PROMPT = mx.array([[5, 17, 99, 42, 7, 250, 31, 8, 19]])
+# DeepSeek-V2-Lite style: no q LoRA, softmax greedy routing.
+V2_LITE = dict(DEMO_CONFIG, model_type="deepseek_v2", q_lora_rank=None, scoring_func="softmax",
+               topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False)
+
+
+def steps(model, tokens):
+    """Logits of a prefill, then of one-token and two-token cached steps."""
+    cache = model.make_cache()
+    out = [model(PROMPT, cache=cache)]
+    for t in tokens:
+        out.append(model(mx.array([t]), cache=cache))
+    return out
+
+
+@pytest.mark.parametrize("config", [DEMO_CONFIG, V2_LITE], ids=["v3", "v2-lite"])
+def test_compiled_steps_equal_eager(config):
+    model = random_model(config)
+    tokens = [[3], [9], [4, 11], [12], [6, 2], [1]]  # every shape twice: primed, then compiled
+    eager = steps(model, tokens)
+    set_compiled_decode(model)
+    calls = []
+    for layer in model.layers:  # count the calls that take the compiled path
+        fast = layer.compiled_decode
+        fast.pre = (lambda f: lambda *a: calls.append(1) or f(*a))(fast.pre)
+    compiled = steps(model, tokens)
+    # the prefill (9 tokens) and the first 1- and 2-token steps prime; 4 steps are compiled
+    assert len(calls) == 4 * len(model.layers)
+    for a, b in zip(eager, compiled):
+        assert mx.allclose(a, b, atol=1e-5, rtol=1e-5).item()
+    set_compiled_decode(model, False)
+    assert all(layer.compiled_decode is None for layer in model.layers)
+
+
+def test_compiled_mtp_greedy_identical():
+    model = attach_random_mtp(deepseek_tiny())
+    plain = [t for t, *_ in generate_step(PROMPT[0], model, max_tokens=20, mtp=False)]
+    set_compiled_decode(model)
+    assert model.mtp.layers[0].compiled_decode is not None
+    st = SpecStats()
+    spec = [t for t, *_ in generate_step(PROMPT[0], model, max_tokens=20, spec_stats=st)]
+    assert spec == plain and st.cycles > 0
+
+
+def test_default_follows_device_and_env(monkeypatch):
+    monkeypatch.delenv("MLXKT_COMPILE", raising=False)
+    assert compile_default() == (mx.default_device().type == mx.DeviceType.gpu)
+    monkeypatch.setenv("MLXKT_COMPILE", "0")
+    assert not compile_default()
+    monkeypatch.setenv("MLXKT_COMPILE", "1")
+    assert compile_default()
