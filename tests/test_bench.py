@@ -98,3 +98,26 @@ def test_synthetic_model_is_written_by_a_child_and_reused(tmp_path):
     assert (out / "config.json").stat().st_mtime_ns == stamp  # same recipe: not rewritten
     e = measure.mlxkt_engine(out)
     assert e.model.args.n_routed_experts == 4
+
+
+def test_engine_failing_its_warm_up_is_reported_and_dropped(tiny_dir, tmp_path, monkeypatch):
+    real = measure.mlx_lm_engine
+
+    def broken(path, dtype=None):
+        e = real(path, dtype)
+
+        def stream(prompt, cache, n):
+            raise RuntimeError("simulated kernel failure")
+            yield
+
+        e.stream = stream
+        return e
+
+    monkeypatch.setattr(measure, "mlx_lm_engine", broken)
+    o = BenchOptions(model=str(tiny_dir), prefill=[24], contexts=[40], decode_tokens=4,
+                     repeats=1, breakdown_contexts=[], out=str(tmp_path))
+    result = run_bench(o, log=lambda s: None)
+    assert "simulated kernel failure" in result["engines"]["mlx-lm"]["failed"]
+    assert result["engines"]["mlxkt"]["decode"]["40"]["tok_s"] > 0
+    text = table(result)
+    assert "mlx-lm: FAILED in warm-up" in text and "decode @40 tok/s" in text

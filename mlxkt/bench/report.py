@@ -21,15 +21,18 @@ def table(result: dict) -> str:
     row("weights GB", [f"{res[n]['weights_gb']:.2f}" for n in names])
     row("active GB / token", [f"{res[n]['active_gb_per_token']:.3f}" for n in names])
     row("warm-up s (compile)", [f"{res[n].get('warmup_s', float('nan')):.1f}" for n in names])
-    for k in res[names[0]]["prefill"]:
+    for k in _keys(res, "prefill"):
         row(f"prefill {k} tok/s", [_fmt(res[n]["prefill"].get(k), "tok_s", "{:.1f}") for n in names])
-    for k in res[names[0]]["decode"]:
+    for k in _keys(res, "decode"):
         row(f"decode @{k} tok/s", [_fmt(res[n]["decode"].get(k), "tok_s", "{:.2f}") for n in names])
         row(f"decode @{k} ms/token", [_fmt(res[n]["decode"].get(k), "ms_per_token", "{:.2f}") for n in names])
         row(f"decode @{k} % copy BW", [_fmt(res[n]["decode"].get(k), "of_copy_bw", "{:.0%}") for n in names])
         row(f"decode @{k} peak+ GB", [_fmt(res[n]["decode"].get(k), "transient_peak_gb", "{:.2f}") for n in names])
     row("graph nodes / token", [str(res[n].get("graph", {}).get("non_view_nodes", "-")) for n in names])
     row("graph build ms / token", [_fmt(res[n].get("graph"), "build_ms", "{:.2f}") for n in names])
+    for n in names:
+        if "failed" in res[n]:
+            lines += ["", f"{n}: FAILED in warm-up, left out: {res[n]['failed']}"]
     for name, rs in result.get("ratios", {}).items():
         lines += ["", f"{name} (same run):"]
         lines += [f"  {k:26} {v:6.2f}x" for k, v in rs.items()]
@@ -41,6 +44,11 @@ def table(result: dict) -> str:
                       f"sync {b['sync_ms']:.3f} ms subtracted), per component summed over layers:"]
             lines += [f"  {r['component']:40} {r['ms']:8.3f} ms {r['share']:6.1%}" for r in b["rows"]]
     return "\n".join(lines)
+
+
+def _keys(res: dict, kind: str) -> list:
+    """Measurement keys of every engine, in first-seen order (a failed engine has none)."""
+    return list(dict.fromkeys(k for r in res.values() for k in r[kind]))
 
 
 def _fmt(d, key, f):

@@ -164,9 +164,8 @@ def run_bench(o: BenchOptions, log=print) -> dict:
                 measure.time_prefill(e, min(o.prefill + [64]), vocab)
             measure.time_decode(e, min(o.contexts + [64]), 4)
         except Exception as ex:
-            if not e.variant:
-                raise
-            # An experimental variant that fails here is reported and left out.
+            # An engine or variant that fails here is reported and left out; the others
+            # still run (a CUDA error that poisons the process fails them all in turn).
             res[e.name]["failed"] = f"{type(ex).__name__}: {ex}"[:500]
             log(f"{e.name}: warm-up failed, dropped: {res[e.name]['failed']}")
             engines.remove(e)
@@ -174,6 +173,9 @@ def run_bench(o: BenchOptions, log=print) -> dict:
         res[e.name]["warmup_s"] = time.perf_counter() - t0
         log(f"{e.name}: warm-up {res[e.name]['warmup_s']:.1f} s")
     save()
+    if not engines:
+        raise RuntimeError("every engine failed its warm-up: " + "; ".join(
+            f"{n}: {r['failed']}" for n, r in res.items() if "failed" in r))
 
     def guarded(label, e, fn):
         """Run one measurement unless time is up; a failure is recorded, not fatal."""
