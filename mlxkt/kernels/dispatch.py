@@ -78,15 +78,21 @@ def kernel_ready(backend: str, signature) -> bool:
     """Build the kernels for one signature and check them against the reference once."""
     from .probe import probe
 
+    return checked(f"{backend} routed-expert", lambda: probe(backend, signature),
+                   probe_tolerance(signature[6]))
+
+
+def checked(what: str, run_probe, tolerance: float) -> bool:
+    """Run a kernel's one-time check (error against its reference); warn and say False when
+    it fails to build or disagrees, so the caller keeps the plain MLX ops."""
     try:
-        err = probe(backend, signature)
+        err = run_probe()
     except Exception as e:  # a build or launch failure
-        _warn(f"mlxkt: the {backend} routed-expert kernel failed ({type(e).__name__}: {e}); "
-              "using plain MLX ops")
+        _warn(f"mlxkt: the {what} kernel failed ({type(e).__name__}: {e}); using plain MLX ops")
         return False
-    if not err < probe_tolerance(signature[6]):
-        _warn(f"mlxkt: the {backend} routed-expert kernel disagrees with the reference "
-              f"(relative error {err:.2e}); using plain MLX ops")
+    if not err < tolerance:
+        _warn(f"mlxkt: the {what} kernel disagrees with the reference (error {err:.2e}); "
+              "using plain MLX ops")
         return False
     return True
 

@@ -4,6 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelArgs
+from ..kernels.router import route
 from .experts import RoutedExperts
 
 
@@ -41,31 +42,44 @@ class DeepseekGate(nn.Module):
     def __call__(self, x):
         # x: [..., D] -> inds [..., K] (int), weights [..., K] (float32)
         logits = (x @ self.weight.T).astype(mx.float32)
-        if self.scoring_func == "sigmoid":
-            scores = mx.sigmoid(logits)
+        fused = route(self, logits)  # one kernel on a GPU for decode-sized batches
+        if fused is not None:
+            return fused
+        return route_reference(logits, self.get("e_score_correction_bias"), self)
+
+
+def route_reference(logits, bias, cfg):
+    """The routing in plain MLX ops (always correct; the fused router is checked against it).
+
+    cfg: a DeepseekGate or a kernels.router.GateConfig (same attribute names); bias [E]
+    float32 is used by noaux_tc only.
+    """
+    # logits: [..., E] float32 -> inds [..., K] (uint32), weights [..., K] (float32)
+    if cfg.scoring_func == "sigmoid":
+        scores = mx.sigmoid(logits)
+    else:
+        scores = mx.softmax(logits, axis=-1, precise=True)
+    choice = scores
+    if cfg.topk_method == "noaux_tc":
+        choice = scores + bias
+    if cfg.n_group > 1 and cfg.topk_method in ("noaux_tc", "group_limited_greedy"):
+        grouped = mx.unflatten(choice, -1, (cfg.n_group, -1))  # [..., G, E/G]
+        if cfg.topk_method == "noaux_tc":
+            group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)
         else:
-            scores = mx.softmax(logits, axis=-1, precise=True)
-        choice = scores
-        if self.topk_method == "noaux_tc":
-            choice = scores + self.e_score_correction_bias
-        if self.n_group > 1 and self.topk_method in ("noaux_tc", "group_limited_greedy"):
-            grouped = mx.unflatten(choice, -1, (self.n_group, -1))  # [..., G, E/G]
-            if self.topk_method == "noaux_tc":
-                group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)
-            else:
-                group_scores = grouped.max(axis=-1)
-            drop = self.n_group - self.topk_group
-            if drop > 0:
-                dropped = mx.argpartition(group_scores, kth=drop - 1, axis=-1)[..., :drop]
-                neg = mx.array(-float("inf"), choice.dtype)
-                grouped = mx.put_along_axis(grouped, dropped[..., None], neg, axis=-2)
-            choice = mx.flatten(grouped, -2, -1)
-        k = self.top_k
-        inds = mx.argpartition(-choice, kth=k - 1, axis=-1)[..., :k]
-        weights = mx.take_along_axis(scores, inds, axis=-1)
-        if k > 1 and self.norm_topk_prob:
-            weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-        return inds, weights * self.routed_scaling_factor
+            group_scores = grouped.max(axis=-1)
+        drop = cfg.n_group - cfg.topk_group
+        if drop > 0:
+            dropped = mx.argpartition(group_scores, kth=drop - 1, axis=-1)[..., :drop]
+            neg = mx.array(-float("inf"), choice.dtype)
+            grouped = mx.put_along_axis(grouped, dropped[..., None], neg, axis=-2)
+        choice = mx.flatten(grouped, -2, -1)
+    k = cfg.top_k
+    inds = mx.argpartition(-choice, kth=k - 1, axis=-1)[..., :k]
+    weights = mx.take_along_axis(scores, inds, axis=-1)
+    if k > 1 and cfg.norm_topk_prob:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return inds, weights * cfg.routed_scaling_factor
 
 
 class DeepseekMoE(nn.Module):
