@@ -2,9 +2,9 @@
 measured against the engine as it is, in the same run. Nothing here changes the engine's
 files; what pays off moves into the engine.
 
-- eager:         decode without the engine's compiled layers (layers/decode_compile.py,
-                 on by default on GPUs): the "before" of that change.
-- compiled:      the compiled layers forced on (e.g. on the CPU, where they are off).
+- compiled:      decode through the engine's compiled layers (layers/decode_compile.py,
+                 off by default until measured on a GPU; MLXKT_COMPILE=1 turns it on).
+- eager:         the compiled layers forced off (the "before" when MLXKT_COMPILE=1).
 - mla-gemm:      the decode attention over the latent cache as three GEMMs (all heads as
                  rows) instead of a score matmul + SDPA with the rope scores as the mask.
 - moe-segments:  prefill: tokens sorted by expert, then one dense quantized matmul per
@@ -104,8 +104,8 @@ def _segments(engine: Engine, min_pairs: int = 256):
 
 
 VARIANTS = {
-    "eager": lambda e: set_compiled_decode(e.model, False),
     "compiled": lambda e: set_compiled_decode(e.model, True),
+    "eager": lambda e: set_compiled_decode(e.model, False),
     "mla-gemm": _gemm_attention,
     "moe-segments": _segments,
 }
