@@ -34,3 +34,86 @@ KT_FN float kt_fma4(float acc, uint32_t w, int i0, float4 v) {
 KT_FN float kt_sum4(float4 v) {
   return (v.x + v.y) + (v.z + v.w);
 }
+
+// The down kernel's DQ = 1 ("windows"): one shift serves M = 8 / BITS values (2 at 4 bits,
+// 4 at 2 bits). After a shift by 15 - 8 j, value M j + m of a word sits at bits
+// [15 + BITS m, 15 + BITS (m + 1)): window m of the mantissa, f = 1 + q / 2^k with
+// k = 8 - BITS m (at most 8 of float32's 24 bits lost to the cancellation). At 8 bits M = 1
+// and this is kt_f. Products accumulate per window: component m of a float4 (so, unlike
+// thread arrays, it passes to functions on Metal).
+template <int BITS, int WIN>
+KT_FN float kt_fwin(uint32_t w, int i) {
+  constexpr int M = 8 / BITS;
+  const int up = 15 - 8 * (i / M);  // the same shift for the M values of a group: CSE'd
+  const uint32_t m = up >= 0 ? (w << up) : (w >> (-up));
+  return KT_AS_FLOAT((kt_and_or<((1u << BITS) - 1u) << (15 + BITS * WIN), 0x3F800000u>(m)));
+}
+
+KT_FN float4 kt_f4(float a) {
+  float4 v;
+  v.x = a;
+  v.y = a;
+  v.z = a;
+  v.w = a;
+  return v;
+}
+
+template <int C>
+KT_FN float4 kt_fma_at(float4 d, float a, float b) {
+  if (C == 0) {
+    d.x = KT_FMA(a, b, d.x);
+  } else if (C == 1) {
+    d.y = KT_FMA(a, b, d.y);
+  } else if (C == 2) {
+    d.z = KT_FMA(a, b, d.z);
+  } else {
+    d.w = KT_FMA(a, b, d.w);
+  }
+  return d;
+}
+
+KT_FN float kt_comp(float4 v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+// d_m + sum of f x over the four values i0..i0+3 of a word (i0 % 4 == 0: value i0+e is in
+// window e % M).
+template <int BITS>
+KT_FN float4 kt_fma4w(float4 d, uint32_t w, int i0, float4 v) {
+  constexpr int M = 8 / BITS;
+  d = kt_fma_at<0>(d, kt_fwin<BITS, 0>(w, i0), v.x);
+  d = kt_fma_at<1 % M>(d, kt_fwin<BITS, 1 % M>(w, i0 + 1), v.y);
+  d = kt_fma_at<2 % M>(d, kt_fwin<BITS, 2 % M>(w, i0 + 2), v.z);
+  return kt_fma_at<3 % M>(d, kt_fwin<BITS, 3 % M>(w, i0 + 3), v.w);
+}
+
+// Per-window sums of the four values of v (value e in window e % M).
+template <int M>
+KT_FN float4 kt_sum4w(float4 s, float4 v) {
+  if (M == 1) {
+    s.x += kt_sum4(v);
+  } else if (M == 2) {
+    s.x += v.x + v.z;
+    s.y += v.y + v.w;
+  } else {
+    s.x += v.x;
+    s.y += v.y;
+    s.z += v.z;
+    s.w += v.w;
+  }
+  return s;
+}
+
+// s sum_i q_i x_i + b sum_i x_i of one chunk from its window sums d (of f x) and xs (of x):
+// sum_m (s 2^k_m) (d_m - xs_m) + b xs, written as in DQ = 0 (gs d + (b - gs) xs) per window.
+template <int BITS>
+KT_FN float kt_chunk_dot(float s, float b, float4 d, float4 xs) {
+  constexpr int M = 8 / BITS;
+  float r = 0.0f;
+  KT_UNROLL
+  for (int m = 0; m < M; ++m) {
+    const float gs = s * float(1 << (8 - BITS * m));
+    r += gs * kt_comp(d, m) + (b - gs) * kt_comp(xs, m);
+  }
+  return r;
+}

@@ -171,6 +171,39 @@ def test_launch_config_keeps_loads_bounded():
     # Many token-expert pairs: fewer, longer stage-1 blocks (one plan per block).
     assert moe.launch_config(7168, 2048, 4, 4, pairs=64)["rt"] > 1
     assert moe.launch_config(7168, 2048, 4, 4, pairs=8)["rt"] == 1
+    # Defaults: the H100 sweep's fastest at <= 4 bits, the unswept old ones at 8 bits.
+    cfg = moe.launch_config(7168, 2048, 4, 4)
+    assert (cfg["rw"], cfg["sa"], cfg["rb"], cfg["sb"], cfg["ue"], cfg["dq"]) == (2, 4, 8, 1, 1, 1)
+    cfg = moe.launch_config(7168, 2048, 8, 8)
+    assert (cfg["rw"], cfg["rb"], cfg["dq"]) == (1, 2, 0)
+    # The sweep's keys: explicit values win, bad values are refused.
+    cfg = moe.launch_config(7168, 2048, 4, 4, rt=4, rw=1, sa=4, rb=2, sb=1, ue=8, dq=0)
+    assert (cfg["rt"], cfg["rw"], cfg["sa"], cfg["rb"], cfg["sb"], cfg["ue"], cfg["dq"]) == (
+        4, 1, 4, 2, 1, 8, 0)
+    # One row pair per warp instead of two: twice the row tiles.
+    assert (moe.launch_config(7168, 2048, 4, 4, pairs=64, rw=1)["rt"]
+            == 2 * moe.launch_config(7168, 2048, 4, 4, pairs=64)["rt"])
+    with pytest.raises(ValueError):
+        moe.launch_config(7168, 2048, 4, 4, dq=2)
+    with pytest.raises(TypeError):  # the variants the sweep dropped
+        moe.launch_config(7168, 2048, 4, 4, xs=1)
+
+
+@pytest.mark.parametrize("bits,N,fused", [(4, 8, True), (2, 8, True), (8, 2, True),
+                                           (8, 3, False), (4, 9, False)])
+def test_dispatch_pair_limit_by_bits(monkeypatch, bits, N, fused):
+    """Top-8: the kernels up to 64 pairs at <= 4 bits, 16 at 8 bits; beyond, the reference."""
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    monkeypatch.setattr(dispatch, "gpu_backend", lambda: "metal")
+    monkeypatch.setattr(dispatch, "kernel_ready", lambda backend, signature: True)
+    calls = []
+    monkeypatch.setattr(dispatch, "fused_routed_experts", lambda *a: calls.append(a) or a[0])
+    x, inds, scores, gate, up, down = random_problem(128, 64, N, 8, 12, (bits, bits))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        routed_experts(x, inds, scores, gate, up, down)
+    assert bool(calls) == fused
+    assert moe.fused_max_pairs(bits) == (64 if bits <= 4 else 16)
 
 
 def test_selftest_command_on_cpu(cpu_device):

@@ -6,7 +6,7 @@ import pytest
 
 from mlxkt.kernels import dispatch
 from mlxkt.kernels.dispatch import gpu_backend, routed_experts
-from mlxkt.kernels.moe import fused_routed_experts
+from mlxkt.kernels.moe import fused_routed_experts, launch_config
 from mlxkt.kernels.dispatch import probe_tolerance
 from mlxkt.kernels.probe import random_problem, reference_float32, relative_error
 from mlxkt.kernels.reference import routed_experts_reference
@@ -15,12 +15,12 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(gpu_backend() is None, reason="needs a Metal or CUDA GPU")]
 
 
-def check(D, I, N, K, E, bits, gs, dtype, repeat=True, seed=0):
+def check(D, I, N, K, E, bits, gs, dtype, repeat=True, seed=0, **cfg):
     backend = gpu_backend()
     x, inds, scores, gate, up, down = random_problem(D, I, N, K, E, bits, gs, dtype=dtype,
                                                      seed=seed, repeat=repeat)
-    y = fused_routed_experts(x, inds, scores, gate, up, down, backend)
-    y2 = fused_routed_experts(x, inds, scores, gate, up, down, backend)
+    y = fused_routed_experts(x, inds, scores, gate, up, down, backend, **cfg)
+    y2 = fused_routed_experts(x, inds, scores, gate, up, down, backend, **cfg)
     ref = reference_float32(x, inds, scores, gate, up, down)  # the reference, upcast inputs
     native = routed_experts_reference(x, inds, scores, gate, up, down)
     mx.eval(y, y2, ref, native)
@@ -37,6 +37,26 @@ def check(D, I, N, K, E, bits, gs, dtype, repeat=True, seed=0):
 @pytest.mark.parametrize("N,bits", [(n, 4) for n in range(1, 9)] + [(1, 8), (2, 8), (8, 8)])
 def test_deepseek_v3_shapes(N, bits):
     check(7168, 2048, N, 8, 16, (bits, bits), (64, 64), mx.bfloat16, seed=N)
+
+
+# The H100 sweep's fastest (2026-11-25): the default at <= 4 bits; the old one kept at 8 bits.
+SWEPT = {"rw": 2, "rb": 8, "dq": 1}
+OLD = {"rw": 1, "rb": 2, "dq": 0}
+
+
+@pytest.mark.parametrize("N", [1, 2, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_swept_config(N, bits):
+    """DeepSeek-V3 shapes (64 pairs at 8 tokens, repeated experts) with the sweep's config."""
+    want = SWEPT if bits <= 4 else OLD
+    assert launch_config(7168, 2048, bits, bits, pairs=8 * N) == launch_config(
+        7168, 2048, bits, bits, pairs=8 * N, **want)
+    check(7168, 2048, N, 8, 16, (bits, bits), (64, 64), mx.bfloat16, seed=N, **SWEPT)
+
+
+@pytest.mark.parametrize("N", [1, 8])
+def test_old_defaults_at_4_bits(N):
+    check(7168, 2048, N, 8, 16, (4, 4), (64, 64), mx.bfloat16, seed=N, **OLD)
 
 
 @pytest.mark.parametrize("N", [1, 2, 8])
@@ -58,7 +78,8 @@ def test_dtypes_and_ragged_rows(dtype):
 
 
 def test_row_tiles_per_block():
-    """Stage-1 blocks walking several row tiles, the last one partial (320 = 3*4*26 + 8)."""
+    """Stage-1 blocks walking several row tiles, the last one partial (4 warps x 2 rows:
+    320 = 13*3*4*2 + 8)."""
     backend = gpu_backend()
     x, inds, scores, gate, up, down = random_problem(1024, 320, 3, 4, 9, dtype=mx.float32)
     y = fused_routed_experts(x, inds, scores, gate, up, down, backend, rt=3)

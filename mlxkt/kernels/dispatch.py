@@ -13,7 +13,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .moe import FUSED_MAX_PAIRS, decode_sized, fused_routed_experts, quant_params, unsupported
+from .moe import decode_sized, fused_max_pairs, fused_routed_experts, quant_params, unsupported
 from .reference import routed_experts_reference
 
 ENV = "MLXKT_KERNELS"
@@ -60,7 +60,7 @@ def routed_experts(x, inds, scores, gate_proj, up_proj, down_proj):
         _warn("mlxkt: routed-expert kernels do not cover these weights or activations (they "
               "take affine 2/4/8-bit weights with group 32/64/128 and float activations); "
               "they run as plain MLX ops")
-    elif not decode_sized(x, inds, FUSED_MAX_PAIRS):
+    elif not decode_sized(x, inds, fused_max_pairs(quant_params(gate_proj)[0])):
         pass  # prefill-sized batch: the reference path is the faster one
     elif kernel_ready(backend, _signature(x, inds, gate_proj, down_proj)):
         return fused_routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, backend)

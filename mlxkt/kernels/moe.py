@@ -14,10 +14,6 @@ from . import sources
 
 MAX_TOKENS = 8  # the kernels' limits
 MAX_PAIRS = 64
-# Above this many token-expert pairs the fused path stopped beating the reference on the
-# H100 (DeepSeek-V3 shapes, 8 bits, 8 tokens: 0.63x; see benchmarks/kernels.py), so the
-# dispatch keeps the reference there.
-FUSED_MAX_PAIRS = 16
 TARGET_BLOCKS = 4096
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -56,22 +52,44 @@ def unsupported(x, inds, gate_proj, up_proj, down_proj) -> Optional[str]:
     return None
 
 
-def launch_config(D, I, bits_gu, bits_d, pairs=1, nw=(4, 4), rb=2, rt=None):
+def fused_max_pairs(bits) -> int:
+    """Most token-expert pairs for which the dispatch takes the kernels, by gate/up bits.
+
+    H100, DeepSeek-V3 layer, 8 tokens top-8 (64 pairs): 4 bits fused 1121 µs vs reference
+    1246 µs; 8 bits (older launch defaults) 0.63x the reference, so 8 bits stop at 16."""
+    return MAX_PAIRS if bits <= 4 else 16
+
+
+def launch_config(D, I, bits_gu, bits_d, pairs=1, nw=(4, 4), rt=None, rw=None, sa=None,
+                  rb=None, sb=None, ue=None, dq=None):
     """Warps per block, rows per warp and 16-byte chunks in flight per lane (about 8 per
-    matrix row: enough to cover memory latency without spilling registers)."""
+    matrix row: enough to cover memory latency without spilling registers).
+
+    Keys (all optional, for benchmarks/kernels.py --sweep): nw (warps of stage 1, stage 2),
+    rt (row tiles per stage-1 block), rw (gate/up row pairs per stage-1 warp at once), sa/sb
+    (chunks per lane per load stage), rb (rows per stage-2 warp), ue (experts per stage-2
+    load step), dq (stage 2: 1 = one shift per 8/bits values, see kt_common.h).
+    Defaults: the H100 sweep's fastest at 4 bits (rw 2; rb 8, dq 1, so ue 1); each stage at
+    8 bits (not swept) keeps rw 1, resp. rb 2 and dq 0."""
 
     def stage(chunks_per_lane, cap):
         stages = math.ceil(chunks_per_lane / cap)
         return math.ceil(chunks_per_lane / stages)
 
+    rw = rw or (2 if bits_gu <= 4 else 1)
+    rb = rb or (8 if bits_d <= 4 else 2)
+    dq = (1 if bits_d <= 4 else 0) if dq is None else dq
+    if dq not in (0, 1):
+        raise ValueError(f"dq must be 0 or 1 (got {dq!r})")
     cpl_a = math.ceil(D // (128 // bits_gu) / 32)
     cpl_b = math.ceil(I // (128 // bits_d) / 32)
-    sb = stage(cpl_b, max(1, 8 // rb))
+    sb = stage(cpl_b, sb or max(1, 8 // rb))
     nw_a = max(2, nw[0])  # the plan needs 64 threads
     # Row tiles per stage-1 block: enough blocks to fill the GPU, few plans to compute.
-    rt = rt or max(1, math.ceil(I / nw_a) * pairs // TARGET_BLOCKS)
-    return {"nw_a": nw_a, "rt": rt, "sa": stage(cpl_a, 8), "nw_b": max(2, nw[1]), "rb": rb,
-            "sb": sb, "ue": max(1, 8 // (rb * sb))}
+    rt = rt or max(1, math.ceil(I / (nw_a * rw)) * pairs // TARGET_BLOCKS)
+    return {"nw_a": nw_a, "rt": rt, "rw": rw, "sa": stage(cpl_a, sa or max(1, 8 // rw)),
+            "nw_b": max(2, nw[1]), "rb": rb, "sb": sb, "ue": ue or max(1, 8 // (rb * sb)),
+            "dq": dq}
 
 
 @lru_cache(maxsize=None)
@@ -105,12 +123,12 @@ def launches(D, I, N, K, quant_gu, quant_d, dtype, scale_gu, scale_d, idx_dtype,
     (bits, gs), (bits_d, gs_d) = quant_gu, quant_d
     P = N * K
     cfg = launch_config(D, I, bits, bits_d, pairs=P, **dict(config))
-    nw, rt, nw_b, rb = cfg["nw_a"], cfg["rt"], cfg["nw_b"], cfg["rb"]
+    nw, rt, rw, nw_b, rb = cfg["nw_a"], cfg["rt"], cfg["rw"], cfg["nw_b"], cfg["rb"]
     gate_up = dict(
         template=[("D", D), ("I", I), ("BITS", bits), ("GS", gs), ("NT", N), ("K", K),
-                  ("NW", nw), ("RT", rt), ("SA", cfg["sa"]), ("BD", bits_d),
+                  ("NW", nw), ("RT", rt), ("RW", rw), ("SA", cfg["sa"]), ("BD", bits_d),
                   ("ST", scale_gu), ("IT", idx_dtype)],
-        grid=(math.ceil(I / (nw * rt)) * nw * 32, P, 1),
+        grid=(math.ceil(I / (nw * rt * rw)) * nw * 32, P, 1),
         threadgroup=(nw * 32, 1, 1),
         output_shapes=[(P, I), (1 + P + P * N,), (P * N,)],
         output_dtypes=[mx.float32, mx.int32, mx.float32],
@@ -118,7 +136,7 @@ def launches(D, I, N, K, quant_gu, quant_d, dtype, scale_gu, scale_d, idx_dtype,
     down = dict(
         template=[("D", D), ("I", I), ("BITS", bits_d), ("GS", gs_d), ("NT", N), ("K", K),
                   ("NW", nw_b), ("RB", rb), ("UE", cfg["ue"]), ("SB", cfg["sb"]),
-                  ("T", dtype), ("ST", scale_d)],
+                  ("T", dtype), ("ST", scale_d), ("DQ", cfg["dq"])],
         grid=(math.ceil(D / (nw_b * rb)) * nw_b * 32, 1, 1),
         threadgroup=(nw_b * 32, 1, 1),
         output_shapes=[(N, D)],
