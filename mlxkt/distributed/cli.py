@@ -2,6 +2,7 @@
 machine are started directly, ranks on other hosts through mlx.launch (ssh).
 
     mlxkt launch -n 2 -- generate --model M --prompt hi          two local ranks (tests)
+    mlxkt launch -n 2 --backend nccl -- generate --model M ...   two local NVIDIA GPUs
     mlxkt launch --hosts 10.0.5.1,10.0.5.2 -- serve M             two Macs over Thunderbolt
     mlxkt launch --hostfile hosts.json --backend jaccl -- chat --model M
 
@@ -17,6 +18,7 @@ from typing_extensions import Annotated
 
 SUBCOMMANDS = ("generate", "chat", "serve")
 BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi", "nccl")
+LOCAL_BACKENDS = ("ring", "nccl")  # mlxkt starts these ranks itself when all run on this machine
 MODES = ("pipeline", "experts")
 
 
@@ -45,10 +47,10 @@ def check_options(backend: str, mode: str, ranks: int, hostfile: Optional[str]) 
 
 
 def local_count(ranks: int, hosts: Optional[str], hostfile: Optional[str], backend: str) -> int:
-    """How many ranks, when all of them run on this machine over the ring backend (mlxkt starts
-    them itself); 0 when some run elsewhere."""
+    """How many ranks, when all of them run on this machine over the ring or nccl backend
+    (mlxkt starts them itself); 0 when some run elsewhere."""
     names = [h.strip() for h in (hosts or "127.0.0.1").split(",") if h.strip()]
-    local = hostfile is None and backend == "ring" and all(h == "127.0.0.1" for h in names)
+    local = hostfile is None and backend in LOCAL_BACKENDS and all(h == "127.0.0.1" for h in names)
     return ranks * len(names) if local else 0
 
 
@@ -65,14 +67,15 @@ def rank_env(backend: str, timeout: Optional[float], env: Optional[List[str]]) -
 
 
 def local_ranks(command: List[str], *, ranks: int = 1, mode: str = "experts", timeout: Optional[float] = None,
-                port: int = 0, python: Optional[str] = None, env: Optional[List[str]] = None
-                ) -> Tuple[List[str], Dict[str, str], int]:
-    """(argv, environment, first port) for ranks on this machine."""
-    check_options("ring", mode, ranks, None)
+                port: int = 0, python: Optional[str] = None, env: Optional[List[str]] = None,
+                backend: str = "ring") -> Tuple[List[str], Dict[str, str], int]:
+    """(argv, environment, first port) for ranks on this machine (nccl: one port, rank 0's)."""
+    check_options(backend, mode, ranks, None)
     argv, py = rank_command(command, mode, python)
     from .launch import free_port_run
 
-    return ([py, *argv] if py else argv), rank_env("ring", timeout, env), port or free_port_run(ranks)
+    first = port or free_port_run(ranks if backend == "ring" else 1)
+    return ([py, *argv] if py else argv), rank_env(backend, timeout, env), first
 
 
 def launch_args(command: List[str], *, ranks: int = 1, hosts: Optional[str] = None,
@@ -131,7 +134,7 @@ def launch_command(
     try:
         if count:
             argv, rank_vars, first = local_ranks(command, ranks=count, mode=distributed, timeout=timeout,
-                                                 port=port, python=python, env=env)
+                                                 port=port, python=python, env=env, backend=backend)
         else:
             args = launch_args(command, ranks=ranks, hosts=hosts, hostfile=hostfile, backend=backend,
                                mode=distributed, timeout=timeout, port=port, python=python, env=env,
@@ -142,10 +145,12 @@ def launch_command(
     if count:
         if dry_run:
             ports = ",".join(f"127.0.0.1:{first + r}" for r in range(count))
+            if backend == "nccl":
+                ports = f"127.0.0.1:{first}, CUDA_VISIBLE_DEVICES per rank"
             settings = " ".join(f"{k}={shlex.quote(v)}" for k, v in rank_vars.items())
-            typer.echo(f"MLX_RANK=0..{count - 1} ring on {ports} {settings} {shlex.join(argv)}")
+            typer.echo(f"MLX_RANK=0..{count - 1} {backend} on {ports} {settings} {shlex.join(argv)}")
             return
-        rc = launch.run_local(count, argv, rank_vars, first)
+        rc = launch.run_local(count, argv, rank_vars, first, backend)
     else:
         if dry_run:
             typer.echo(shlex.join(["mlx.launch", *args]))

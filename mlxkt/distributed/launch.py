@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 LAUNCHER = "import sys; from mlx._distributed_utils.launch import main; sys.argv[0] = 'mlx.launch'; main()"
 FAILED = re.compile(r"Node with rank (\d+) (exited with code (-?\d+)|was killed)")
@@ -45,11 +45,26 @@ def exit_status(rc: int) -> int:
     return rc if rc >= 0 else 128 - rc  # killed by signal N: the shell's 128 + N
 
 
-def run_local(ranks: int, argv: List[str], env: Dict[str, str], port: int) -> int:
-    """Run `argv` as ranks 0..ranks-1 on 127.0.0.1 (ring backend); -> the first failure's status."""
+def rank_gpu(rank: int, visible: Optional[str]) -> str:
+    """The GPU a local NCCL rank sees: the rank-th of the parent's CUDA_VISIBLE_DEVICES (if set),
+    else GPU `rank`, as mlx.launch --backend nccl does."""
+    listed = [d.strip() for d in (visible or "").split(",") if d.strip()]
+    return listed[rank % len(listed)] if listed else str(rank)
+
+
+def nccl_env(rank: int, ranks: int, port: int, visible: Optional[str]) -> Dict[str, str]:
+    """What MLX's NCCL backend reads (what mlx.launch sets): one GPU per rank, rank 0 hands out
+    NCCL's id on 127.0.0.1:port."""
+    return {"MLX_RANK": str(rank), "MLX_WORLD_SIZE": str(ranks), "NCCL_HOST_IP": "127.0.0.1",
+            "NCCL_PORT": str(port), "CUDA_VISIBLE_DEVICES": rank_gpu(rank, visible)}
+
+
+def run_local(ranks: int, argv: List[str], env: Dict[str, str], port: int, backend: str = "ring") -> int:
+    """Run `argv` as ranks 0..ranks-1 on 127.0.0.1 (ring: `port`.. one per rank; nccl: `port`
+    for the id exchange, one GPU per rank); -> the first failure's status."""
     base = {**os.environ, **env}
     hostfile = None
-    if ranks > 1:
+    if ranks > 1 and backend == "ring":
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="mlxkt-hosts-", delete=False) as f:
             json.dump([[f"127.0.0.1:{port + r}"] for r in range(ranks)], f)
             hostfile = f.name
@@ -57,6 +72,8 @@ def run_local(ranks: int, argv: List[str], env: Dict[str, str], port: int) -> in
     try:
         for r in range(ranks):
             rank_env = dict(base, MLX_RANK=str(r), MLX_HOSTFILE=hostfile) if hostfile else base
+            if ranks > 1 and backend == "nccl":
+                rank_env = dict(base, **nccl_env(r, ranks, port, os.environ.get("CUDA_VISIBLE_DEVICES")))
             procs.append(subprocess.Popen(argv, env=rank_env, stdin=None if r == 0 else subprocess.DEVNULL))
         status = 0
         while any(p.poll() is None for p in procs):

@@ -7,6 +7,14 @@ two-turn chat (cache reuse and trimming) and two requests through the server eng
 speed and the bytes this rank reads per decoded token. --mode single loads the model in
 one process with mlxkt.load (the reference). The other ranks write their byte counts to
 --out.rank<N>.
+
+Benchmark options: --warmup-tokens (an untimed generation first: MLX's GPU kernels compile
+on first use), --repeats (timed generations, median speed), --logprobs token (keep only the
+chosen token's log-probability: reading the whole vocabulary back per token would be timed),
+--pairs routing (experts: rank 0 counts every rank's expert pairs from its own record of the
+routing, instead of a host sync per MoE layer on every rank, which would slow the decode it
+measures) and the scenario `allsum`: rank 0 counts the collectives of one decode step, then
+every rank times an all_sum of each kind (ALLSUM_ITERS, each evaluated, median).
 """
 
 import argparse
@@ -14,6 +22,9 @@ import asyncio
 import json
 import sys
 import time
+
+import mlx.core as mx
+import mlx.nn as nn
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Distributed inference on two Macs"
 
@@ -49,9 +60,10 @@ def write_model_dir(model, config: dict, out, quantize: bool = False):
     return out
 
 
-def bytes_per_token(model, counter) -> dict:
+def bytes_per_token(model, counter, pairs=None) -> dict:
     """Bytes of weights one decode step reads on this rank: every held tensor but the
-    embedding (one row) and the routed experts, plus the (token, expert) pairs it ran."""
+    embedding (one row) and the routed experts, plus the (token, expert) pairs it ran
+    (`pairs` per token when given, else measured by `counter`, else top-k per MoE layer)."""
     from mlx.utils import tree_flatten
 
     from . import shard
@@ -63,27 +75,212 @@ def bytes_per_token(model, counter) -> dict:
     expert_bytes = 0
     if blocks:
         sw = blocks[0].switch_mlp
-        sw = sw.inner if "inner" in sw else sw
+        while "inner" in sw:  # LocalExperts / RecordRouting wrappers
+            sw = sw.inner
         expert_bytes = sum(a.nbytes for _, a in tree_flatten(sw.parameters())) // sw.gate_proj.weight.shape[0]
-    decode = [pairs for tokens, pairs in (counter or []) if tokens == 1]
-    if counter is not None and decode:  # measured over the decode steps of the run
+    decode = [n for tokens, n in (counter or []) if tokens == 1]
+    if pairs is None and counter is not None and decode:  # measured over the decode steps of the run
         pairs = sum(decode) / (len(decode) / len(blocks))
-    else:  # every expert of the held layers: top-k distinct experts per MoE layer
+    elif pairs is None:  # every expert of the held layers: top-k distinct experts per MoE layer
         pairs = inner.args.num_experts_per_tok * len(blocks)
     return {"dense_bytes": dense, "expert_bytes": expert_bytes, "moe_layers": len(blocks),
             "expert_pairs_per_token": pairs, "bytes_per_token": int(dense + pairs * expert_bytes)}
 
 
-def run_generate(model, tokenizer, max_tokens):
+# --- routing record (--pairs routing) -------------------------------------------------------
+
+class RoutingLog:
+    """The expert ids of every routed-experts call on rank 0, kept as arrays (the forward
+    evaluates them anyway: recording costs no host sync)."""
+
+    def __init__(self):
+        self.calls = []  # inds: [..., K]
+
+
+class RecordRouting(nn.Module):
+    """Wraps a block's switch_mlp and records its expert ids."""
+
+    def __init__(self, inner: nn.Module, log: RoutingLog):
+        super().__init__()
+        self.inner = inner
+        self.log = log  # a plain object: not a parameter
+
+    def __call__(self, x, inds, scores):
+        # inds: [..., K], evaluated by the forward itself; kept as is (no new lazy node)
+        self.log.calls.append(inds)
+        return self.inner(x, inds, scores)
+
+
+def record_routing(model) -> RoutingLog:
+    from . import shard
+
+    log = RoutingLog()
+    for _, _, block in shard.moe_blocks(getattr(model, "inner", model)):
+        block.switch_mlp = RecordRouting(block.switch_mlp, log)
+    return log
+
+
+def pairs_by_rank(model, log: RoutingLog, size: int) -> list:
+    """(token, expert) pairs per decode token that each rank's expert range ran."""
+    from . import load, plan, shard
+
+    inner = getattr(model, "inner", model)
+    layers = len(list(shard.moe_blocks(inner)))
+    decode = [a.reshape(-1, a.shape[-1]) for a in log.calls if a.size == a.shape[-1]]  # one token
+    if not decode or not layers:
+        return None
+    ids = mx.concatenate(decode, axis=0)  # [decode calls, K]
+    steps = len(decode) / layers
+    E = load.num_experts(inner.args)
+    out = []
+    for k in range(size):
+        lo, hi = plan.expert_range(E, k, size)
+        out.append(((ids >= lo) & (ids < hi)).sum().item() / steps)
+    return out
+
+
+# --- collectives (scenario allsum) ----------------------------------------------------------
+
+def dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+class CountCollectives:
+    """Counts the collectives issued through a Comm while active (wraps its methods; records
+    op, shape, dtype; no host sync)."""
+
+    OPS = ("all_sum", "send", "recv")
+
+    def __init__(self, comm):
+        self.comm, self.calls = comm, []
+
+    def __enter__(self):
+        for op in self.OPS:
+            setattr(self.comm, op, self._wrap(op, getattr(self.comm, op)))
+        return self
+
+    def __exit__(self, *exc):
+        for op in self.OPS:
+            delattr(self.comm, op)  # the class's method again
+
+    def _wrap(self, op, fn):
+        def call(*args, **kwargs):
+            shape, dtype = (args[0], args[1]) if op == "recv" else (args[0].shape, args[0].dtype)
+            self.calls.append((op, list(shape), dtype_name(dtype)))
+            return fn(*args, **kwargs)
+
+        return call
+
+    def summary(self) -> list:
+        from collections import Counter
+
+        counts = Counter((op, tuple(shape), dtype) for op, shape, dtype in self.calls)
+        return [{"op": op, "shape": list(shape), "dtype": dtype, "count": n}
+                for (op, shape, dtype), n in counts.items()]
+
+
+def decode_collectives(model, tokenizer) -> list:
+    """The collectives rank 0 issues for one decode token (after a prefill of PROMPT)."""
+    cache = model.make_cache()
+    logits = model(mx.array(tokenizer.encode(PROMPT))[None], cache)  # [1, L, vocab]
+    tok = mx.argmax(logits[:, -1], axis=-1)  # [1]
+    mx.eval(tok)
+    with CountCollectives(model.comm) as counted:
+        mx.eval(model(tok[:, None], cache))
+    return counted.summary()
+
+
+ALLSUM_ITERS, ALLSUM_WARMUP = 200, 20
+
+
+def time_allsum(comm, hidden: int, iters: int = ALLSUM_ITERS) -> list:
+    """Median (and p10/p90) microseconds of one evaluated all_sum of each kind: the step
+    message, and one token's hidden state in each activation dtype the model might use. Every
+    rank of the group must call this at the same point."""
+    import statistics
+
+    from .runtime import HEAD, INLINE
+
+    kinds = [([HEAD + INLINE], mx.int32)] + [([1, 1, hidden], dt) for dt in (mx.float32, mx.bfloat16, mx.float16)]
+    out = []
+    with comm.step("timing all_sum"):
+        for shape, dtype in kinds:
+            x = mx.ones(shape, dtype)
+            mx.eval(x)
+            times = []
+            for i in range(ALLSUM_WARMUP + iters):
+                t0 = time.perf_counter()
+                mx.eval(mx.distributed.all_sum(x, group=comm.group))
+                if i >= ALLSUM_WARMUP:
+                    times.append((time.perf_counter() - t0) * 1e6)
+            times.sort()
+            out.append({"shape": shape, "dtype": dtype_name(dtype), "median_us": statistics.median(times),
+                        "p10_us": times[len(times) // 10], "p90_us": times[len(times) * 9 // 10]})
+    return out
+
+
+def allsum_per_token(counted: list, timed: list) -> dict:
+    """ms of all_sum per decode token = sum over kinds of (calls per token) x (median time)."""
+    times = {(tuple(t["shape"]), t["dtype"]): t["median_us"] for t in timed}
+    rows, total, moe = [], 0.0, 0.0
+    for c in counted:
+        if c["op"] != "all_sum":
+            continue
+        us = times.get((tuple(c["shape"]), c["dtype"]))
+        rows.append(dict(c, median_us=us))
+        if us is not None:
+            total += c["count"] * us / 1e3
+            if len(c["shape"]) == 3:  # a hidden state: the MoE layers' partial sums
+                moe += c["count"] * us / 1e3
+    return {"calls": rows, "ms_per_token": total, "moe_ms_per_token": moe,
+            "all_matched": all(r["median_us"] is not None for r in rows)}
+
+
+def find_comm(model):
+    """The Comm a (rank > 0) model's distributed modules hold."""
+    for _, m in model.named_modules():
+        comm = getattr(m, "comm", None)
+        if comm is not None:
+            return comm
+    return None
+
+
+def run_generate(model, tokenizer, max_tokens, full_logprobs=True):
     from mlxkt.generate import stream_generate
 
     toks, lps, last = [], [], None
     for r in stream_generate(model, tokenizer, PROMPT, max_tokens=max_tokens):
         toks.append(r.token)
-        lps.append(r.logprobs.tolist())
+        lps.append(r.logprobs.tolist() if full_logprobs else r.logprobs[r.token])  # lazy: no sync
         last = r
-    return {"tokens": toks, "logprobs": lps, "prompt_tps": last.prompt_tps,
-            "generation_tps": last.generation_tps, "prompt_tokens": last.prompt_tokens}
+    out = {"tokens": toks, "prompt_tps": last.prompt_tps, "generation_tps": last.generation_tps,
+           "prompt_tokens": last.prompt_tokens}
+    if full_logprobs:
+        out["logprobs"] = lps
+    else:
+        out["token_logprobs"] = mx.stack(lps).tolist()
+    return out
+
+
+def run_generates(model, tokenizer, args) -> dict:
+    """A warm-up generation (untimed), then --repeats timed ones: the first's tokens and
+    speeds, each run's speeds and their medians."""
+    import statistics
+
+    if args.warmup_tokens > 0:
+        t0 = time.perf_counter()
+        run_generate(model, tokenizer, args.warmup_tokens, full_logprobs=False)
+        warmup_seconds = time.perf_counter() - t0
+    runs = [run_generate(model, tokenizer, args.max_tokens, args.logprobs == "full")
+            for _ in range(max(1, args.repeats))]
+    out = dict(runs[0])
+    if args.warmup_tokens > 0:
+        out["warmup_seconds"] = warmup_seconds
+    out["runs"] = [{"generation_tps": r["generation_tps"], "prompt_tps": r["prompt_tps"]} for r in runs]
+    out["generation_tps_median"] = statistics.median(r["generation_tps"] for r in runs)
+    out["prompt_tps_median"] = statistics.median(r["prompt_tps"] for r in runs)
+    out["repeats_identical"] = all(r["tokens"] == runs[0]["tokens"] for r in runs)
+    return out
 
 
 def run_chat(model, tokenizer, max_tokens):
@@ -131,21 +328,35 @@ def main(argv=None):
     ap.add_argument("--mode", choices=["single", "pipeline", "experts"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-tokens", type=int, default=12)
-    ap.add_argument("--scenarios", default="generate,chat,engine")
+    ap.add_argument("--scenarios", default="generate,chat,engine", help="any of generate,chat,engine,allsum")
     ap.add_argument("--layers", default=None, help="pipeline: layers per rank, e.g. 2,1")
     ap.add_argument("--ignore-eos", action="store_true", help="generate max-tokens every time")
+    ap.add_argument("--repeats", type=int, default=1, help="timed generations (speed: their median)")
+    ap.add_argument("--warmup-tokens", type=int, default=0, help="an untimed generation of this length first")
+    ap.add_argument("--logprobs", choices=["full", "token"], default="full")
+    ap.add_argument("--pairs", choices=["sync", "routing"], default="sync",
+                    help="experts: count expert pairs with a host sync per MoE layer on each rank, "
+                         "or on rank 0 from its record of the routing (no sync)")
     args = ap.parse_args(argv)
     scenarios = args.scenarios.split(",")
 
     from . import api
 
-    counter = [] if args.mode == "experts" else None
+    counter = [] if args.mode == "experts" and args.pairs == "sync" else None
+    routing = None
 
     def write_follower_stats(model):
+        stats = {"bytes": bytes_per_token(model, counter)}
+        if args.mode == "experts" and args.pairs == "routing":  # rank 0's pairs_by_rank has them
+            stats["bytes"].update(expert_pairs_per_token=None, bytes_per_token=None)
+        comm = find_comm(model)
+        if "allsum" in scenarios and comm is not None and comm.size > 1:
+            stats["allsum_timed"] = time_allsum(comm, model.args.hidden_size)  # with rank 0
         with open(f"{args.out}.rank{api.env_rank()}", "w") as f:
-            json.dump({"bytes": bytes_per_token(model, counter)}, f)
+            json.dump(stats, f)
 
     def load_fn():
+        nonlocal routing
         if args.mode == "single":
             import mlxkt
 
@@ -153,6 +364,8 @@ def main(argv=None):
         else:
             model, tokenizer = api.setup(args.model, args.mode, layers=args.layers, counter=counter,
                                          on_follower_exit=write_follower_stats)
+        if args.mode == "experts" and args.pairs == "routing":
+            routing = record_routing(model)
         if args.ignore_eos:
             tokenizer.eos_token_ids = []
         return model, tokenizer
@@ -167,13 +380,24 @@ def main(argv=None):
         model, tokenizer = load_fn()
     result["load_seconds"] = time.perf_counter() - t0
     if "generate" in scenarios:
-        result["generate"] = run_generate(model, tokenizer, args.max_tokens)
+        result["generate"] = run_generates(model, tokenizer, args)
     if "chat" in scenarios:
         result["chat"] = run_chat(model, tokenizer, args.max_tokens)
-    result["bytes"] = bytes_per_token(model, counter)
+    comm = getattr(model, "comm", None)
+    if "allsum" in scenarios and comm is not None:  # before shutdown: the other ranks follow
+        result["collectives_per_token"] = decode_collectives(model, tokenizer)
+    pairs = None
+    if routing is not None:
+        result["pairs_by_rank"] = pairs_by_rank(model, routing, comm.size)
+        pairs = result["pairs_by_rank"] and result["pairs_by_rank"][0]
+    result["bytes"] = bytes_per_token(model, counter, pairs)
     if hasattr(model, "shutdown"):
-        result["size"] = model.comm.size
+        result["size"] = comm.size
         model.shutdown()
+        if "allsum" in scenarios and comm.size > 1:  # the other ranks time it as they exit
+            timed = time_allsum(comm, model.args.hidden_size)
+            result["allsum"] = dict(allsum_per_token(result["collectives_per_token"], timed),
+                                    timed=timed, iterations=ALLSUM_ITERS)
     with open(args.out, "w") as f:
         json.dump(result, f)
 
