@@ -18,17 +18,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..layers.decode_compile import set_compiled_decode
+from ..layers.mla import ABSORB_MAX_L
 from .measure import Engine
-
-DECODE_MAX_L = 16  # same bound as the engine's absorbed-attention path
-
 
 def _mla_gemm(attn, q, q_pe, k, v, k_pe, mask=None):
     """Absorbed MLA attention as three GEMMs over the shared latent: all heads' queries form
     the rows, so the cache is read once per GEMM instead of once per head."""
     # q: [B, H, L, r], q_pe: [B, H, L, rope] (pre-scaled), k = v = latent / k_pe: [B, 1, S, *]
     B, H, L, r = q.shape
-    if k.shape[1] != 1 or L > DECODE_MAX_L:  # the expanded prefill path
+    if k.shape[1] != 1 or L > ABSORB_MAX_L:  # the expanded prefill path
         return type(attn).attend(attn, q, q_pe, k, v, k_pe, mask)
     ql = q.reshape(B, 1, H * L, r) * attn.scale
     qp = q_pe.reshape(B, 1, H * L, -1)
