@@ -17,13 +17,13 @@ for s in $STEPS; do
     case $s in
     bench) step bench "${BENCH_LIMIT:-400}" python3 -W ignore benchmarks/bench.py \
         --layers 8 --experts 32 --prefill 512 --contexts 1024,32768 --decode-tokens 48 \
-        --repeats 3 --variants compiled,compiled+mla-gemm,moe-segments --max-seconds "${BENCH_SECONDS:-360}" \
+        --repeats 3 --variants eager,mla-gemm,no-segments --max-seconds "${BENCH_SECONDS:-360}" \
         --workdir /tmp/w8 --out "$OUT/bench" ;;
     kernels) step kernels 300 python3 benchmarks/kernels.py --bits 4 --sweep \
         --json "$OUT/kernels.json" ;;
     router) step router 60 python3 benchmarks/router.py --json "$OUT/router.json" ;;
     mtp) step mtp 150 sh -c "python3 benchmarks/mtp.py fixture --model .bench_data/tiny-bf16 \
-        --tokens 200 --repeats 3 && MLXKT_COMPILE=1 python3 benchmarks/mtp.py fixture \
+        --tokens 200 --repeats 3 && MLXKT_COMPILE=0 python3 benchmarks/mtp.py fixture \
         --model .bench_data/tiny-bf16 --tokens 200 --repeats 3" ;;
     tests) step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py \
         tests/test_router_kernel.py tests/test_decode_compile.py ;;

@@ -71,18 +71,16 @@ def test_decode_cache_fill_sets_context(tiny_dir):
     assert cache[0].keys.shape[-1] == 128 and cache[0].values.shape[-1] == 64
 
 
-@pytest.mark.parametrize("variant", ["compiled", "eager", "compiled+mla-gemm", "moe-segments"])
-def test_variants_decode_like_the_engine(tiny_dir, variant):
+@pytest.mark.parametrize("variant", ["compiled", "eager", "compiled+mla-gemm", "no-segments"])
+def test_variants_decode_like_the_engine(tiny_dir, variant, monkeypatch):
     from mlxkt.bench import variants
 
+    monkeypatch.setenv("MLXKT_SEGMENTS", "1")  # the engine's segmented prefill, on the CPU too
     base = measure.mlxkt_engine(tiny_dir, dtype=mx.float32)
     e = measure.mlxkt_engine(tiny_dir, dtype=mx.float32)
     variants.apply_variant(e, variant)
-    for layer in e.model.model.layers:  # let the segmented path run on a short prompt
-        m = layer.mlp
-        if isinstance(m.get("switch_mlp"), variants._SegmentedExperts):
-            object.__setattr__(m.switch_mlp, "min_pairs", 4)
-    prompt = measure.random_prompt(20, base.model.args.vocab_size)
+    assert e.decode_only == (variant != "no-segments")
+    prompt = measure.random_prompt(200, base.model.args.vocab_size)  # 199 x top-2 >= 256 pairs
     want = list(base.stream(prompt, base.make_cache(), 6))
     assert list(e.stream(prompt, e.make_cache(), 6)) == want
 

@@ -128,6 +128,44 @@ def test_expert_shards_add_up_to_the_whole_block(family, quantized, strategy, si
             assert mx.abs(got - want).max().item() < 1e-4 * (1 + mx.abs(want).max().item())
 
 
+@pytest.mark.parametrize("family,quantized", [("deepseek_v3", True), ("deepseek_v3", False),
+                                              ("deepseek_v2", False)])
+@pytest.mark.parametrize("size", [2, 4])
+def test_attention_head_shards_add_up_to_the_whole_attention(family, quantized, size):
+    full = tiny(family, quantized)
+    parts = [tiny(family, quantized) for _ in range(size)]
+    for r, p in enumerate(parts):
+        attn = p.model.layers[0].self_attn
+        assert shard.can_split_attention(attn, size)
+        shard.split_attention(attn, FakeComm(r, size))
+        assert attn.num_heads == full.model.layers[0].self_attn.num_heads // size
+    for L in (1, 3, 40):  # absorbed (decode, MTP verify) and expanded (prefill) paths
+        x = mx.random.normal((1, L, full.args.hidden_size), key=mx.random.key(L))
+        want = full.model.layers[0].self_attn(x, mask=None if L == 1 else _causal(L))
+        got = sum(p.model.layers[0].self_attn(x, mask=None if L == 1 else _causal(L)) for p in parts)
+        assert got.shape == want.shape
+        assert mx.abs(got - want).max().item() < 1e-4 * (1 + mx.abs(want).max().item())
+
+
+def _causal(L):
+    return mx.tril(mx.ones((L, L), dtype=mx.bool_))
+
+
+def test_attention_split_refuses_uneven_heads():
+    attn = tiny("deepseek_v3", True).model.layers[0].self_attn
+    assert not shard.can_split_attention(attn, 3)  # 4 heads
+    assert not shard.can_split_attention(attn, 1)
+
+
+def test_split_attention_default(monkeypatch):
+    monkeypatch.delenv(shard.SPLIT_ATTENTION_ENV, raising=False)
+    assert shard.split_attention_default("nccl") and not shard.split_attention_default("ring")
+    monkeypatch.setenv(shard.SPLIT_ATTENTION_ENV, "1")
+    assert shard.split_attention_default("ring")
+    monkeypatch.setenv(shard.SPLIT_ATTENTION_ENV, "0")
+    assert not shard.split_attention_default("nccl")
+
+
 def test_shared_experts_split_or_kept_on_rank_0():
     model = tiny("deepseek_v3", True)
     block = next(shard.moe_blocks(model))[2]

@@ -61,8 +61,8 @@ def child_env(**extra):
     return {**os.environ, "PYTHONPATH": path, "MLXKT_DIST_TIMEOUT": STEP_TIMEOUT, **extra}
 
 
-def run_bounded(argv, timeout=RUN_TIMEOUT):
-    p = subprocess.Popen(argv, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+def run_bounded(argv, timeout=RUN_TIMEOUT, **env):
+    p = subprocess.Popen(argv, cwd=REPO, env=child_env(**env), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -98,6 +98,29 @@ def test_two_ranks_give_the_tokens_of_one_process(tiny_dirs, reference, tmp_path
             single["expert_pairs_per_token"])
     assert b0["bytes_per_token"] < single["bytes_per_token"]
     assert b1["bytes_per_token"] < single["bytes_per_token"]
+
+
+def test_split_heads_and_steps_built_ahead_give_the_tokens_of_one_process(tiny_dirs, reference, tmp_path):
+    """The GPU set-up of experts mode, on the CPU: heads split too (a second all_sum per
+    layer), masked expert shards (no host sync), so followers build decode steps ahead."""
+    ref = reference("deepseek_v3")
+    out = tmp_path / "r.json"
+    rc, _, err = run_bounded([sys.executable, "-m", "mlxkt.distributed.cli", "-n", "2", "--timeout", STEP_TIMEOUT,
+                              "--", sys.executable, "-m", "mlxkt.distributed.run", str(tiny_dirs["deepseek_v3"]),
+                              "--mode", "experts", "--out", str(out), "--max-tokens", str(MAX_TOKENS),
+                              "--ignore-eos", "--pairs", "routing"],
+                             MLXKT_SPLIT_ATTENTION="1", MLXKT_EXPERT_SHARD="masked")
+    assert rc == 0, err
+    assert "attention: 2 of 4 heads per rank" in err, err
+    got = json.loads(out.read_text())
+    follow = json.loads(Path(f"{out}.rank1").read_text())["follow"]
+    assert got["generate"]["tokens"] == ref["generate"]["tokens"]
+    np.testing.assert_allclose(got["generate"]["logprobs"], ref["generate"]["logprobs"], atol=1e-4)
+    assert got["chat"] == ref["chat"]
+    assert got["engine"] == ref["engine"]
+    # Most decode steps were built ahead; each new request or trimmed cache threw one away.
+    assert follow["built_ahead"] >= MAX_TOKENS
+    assert follow["ahead_undone"] >= 2
 
 
 class Ranks:

@@ -7,19 +7,21 @@ files; what pays off moves into the engine.
 - eager:         the compiled layers forced off (the "before" when MLXKT_COMPILE=1).
 - mla-gemm:      the decode attention over the latent cache as three GEMMs (all heads as
                  rows) instead of a score matmul + SDPA with the rope scores as the mask.
-- moe-segments:  prefill: tokens sorted by expert, then one dense quantized matmul per
-                 expert on its contiguous slice (MLX's tensor-core qmm) instead of
-                 gather_qmm; one host sync per MoE layer to learn the slice sizes.
+- no-segments:   the engine's segmented prefill of the routed experts (one dense quantized
+                 matmul per expert, layers/expert_segments.py; moved in from the former
+                 moe-segments variant) turned off for this engine, i.e. gather_qmm as
+                 before: the before/after of that change in one run.
 """
 
 from functools import partial
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from ..layers.decode_compile import set_compiled_decode
+from ..layers.experts import RoutedExperts
 from ..layers.mla import ABSORB_MAX_L
 from .measure import Engine
+
 
 def _mla_gemm(attn, q, q_pe, k, v, k_pe, mask=None):
     """Absorbed MLA attention as three GEMMs over the shared latent: all heads' queries form
@@ -44,68 +46,22 @@ def _gemm_attention(engine: Engine):
         layer.self_attn.attend = partial(_mla_gemm, layer.self_attn)
 
 
-class _SegmentedExperts(nn.Module):
-    """Routed experts with per-expert dense quantized matmuls for large token counts."""
-
-    def __init__(self, inner, min_pairs: int):
-        super().__init__()
-        self.inner = inner
-        object.__setattr__(self, "min_pairs", min_pairs)
-
-    def __call__(self, x, inds, scores):
-        # x: [..., D], inds/scores: [..., K] -> [..., D]
-        if inds.size < self.min_pairs or not hasattr(self.inner.gate_proj, "scales"):
-            return self.inner(x, inds, scores)
-        m = self.inner
-        lead, K, D = inds.shape[:-1], inds.shape[-1], x.shape[-1]
-        E = m.gate_proj.weight.shape[0]
-        flat = inds.reshape(-1)
-        order = mx.argsort(flat)
-        counts = (flat[:, None] == mx.arange(E)[None]).sum(axis=0).tolist()  # host sync
-        xs = x.reshape(-1, D)[order // K]  # [N*K, D] grouped by expert
-        outs, start = [], 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            xe = xs[start : start + c]
-            pad = _row_tile(c) - c
-            if pad:  # keep MLX CUDA's qmm row tiles full (see _row_tile)
-                xe = mx.concatenate([xe, mx.zeros((pad, D), xe.dtype)])
-            g = _qmm(xe, m.gate_proj, e)
-            u = _qmm(xe, m.up_proj, e)
-            outs.append(_qmm(nn.silu(g) * u, m.down_proj, e)[:c])
-            start += c
-        y = mx.concatenate(outs)[mx.argsort(order)]  # back to (token, k) order
-        w = scores.reshape(-1, K, 1).astype(y.dtype)
-        return (y.reshape(-1, K, D) * w).sum(axis=1).reshape(*lead, D)
+def _no_segments(engine: Engine):
+    """The routed experts' segmented prefill (layers/expert_segments.py) off, on this
+    engine's modules only: other engines in the same process keep it."""
+    for m in engine.model.modules():
+        if isinstance(m, RoutedExperts):
+            m.segments = False
 
 
-def _row_tile(m: int) -> int:
-    """Rows rounded up to MLX CUDA qmm_sm80's row tile (a power of two from 16 to 64, then
-    multiples of 64). A prefill chunk of 511 tokens x top-8 crashed MLX 0.32.4 CUDA with an
-    illegal memory access (suspected partial row tile); padded rows cost little here."""
-    if m <= 64:
-        return max(16, 1 << (m - 1).bit_length())
-    return -(-m // 64) * 64
-
-
-def _qmm(x, layer, e):
-    return mx.quantized_matmul(x, layer.weight[e], layer.scales[e], layer.biases[e],
-                               transpose=True, group_size=layer.group_size, bits=layer.bits)
-
-
-def _segments(engine: Engine, min_pairs: int = 256):
-    for layer in engine.model.model.layers:
-        mlp = layer.mlp
-        if "switch_mlp" in mlp:
-            mlp.switch_mlp = _SegmentedExperts(mlp.switch_mlp, min_pairs)
-
+# Variants that change prefill too: the bench times their prefill (the others are decode-only).
+PREFILL_VARIANTS = {"no-segments"}
 
 VARIANTS = {
     "compiled": lambda e: set_compiled_decode(e.model, True),
     "eager": lambda e: set_compiled_decode(e.model, False),
     "mla-gemm": _gemm_attention,
-    "moe-segments": _segments,
+    "no-segments": _no_segments,
 }
 
 
@@ -117,5 +73,5 @@ def apply_variant(engine: Engine, name: str) -> None:
         VARIANTS[part](engine)
     engine.name = f"mlxkt+{name}"
     engine.variant = name
-    engine.decode_only = all(p != "moe-segments" for p in name.split("+"))
+    engine.decode_only = not PREFILL_VARIANTS.intersection(name.split("+"))
     engine.notes.append(f"variant {name}")

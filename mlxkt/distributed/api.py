@@ -29,7 +29,7 @@ def setup(model_path, mode: str, *, layers: Optional[str] = None, timeout: Optio
     (default: MLXKT_PIPELINE_LAYERS, else split by each rank's memory).
     timeout: seconds a step may take (default MLXKT_DIST_TIMEOUT or 120).
     counter / on_follower_exit: benchmark hooks (expert pairs per call; a follower's model
-    handed over before the process exits).
+    and its follow() statistics, handed over before the process exits).
     """
     if mode not in MODES:
         raise ValueError(f"--distributed must be one of {', '.join(MODES)}, not {mode!r}")
@@ -50,9 +50,9 @@ def setup(model_path, mode: str, *, layers: Optional[str] = None, timeout: Optio
                   file=sys.stderr, flush=True)
             os._exit(1)
         comm.barrier("waiting for every rank to load its part", comm.load_timeout, LOAD_TIMEOUT_ENV)
-        follow(model, comm)
+        stats = follow(model, comm)
         if on_follower_exit is not None:
-            on_follower_exit(model)
+            on_follower_exit(model, stats)
         comm.watchdog.close()
         sys.stdout.flush()
         sys.exit(0)

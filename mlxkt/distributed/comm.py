@@ -83,6 +83,7 @@ class Comm:
         self.timeout = timeout or env_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT)
         self.load_timeout = env_seconds(LOAD_TIMEOUT_ENV, DEFAULT_LOAD_TIMEOUT)
         backend = backend or os.environ.get(BACKEND_ENV) or "any"
+        self.backend = backend
         self.watchdog = Watchdog(f"rank {os.environ.get('MLX_RANK', '?')}")
         self.group = None  # one process: collectives are identities
         if launched_distributed():

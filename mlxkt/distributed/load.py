@@ -16,6 +16,7 @@ import numpy as np
 from mlx.utils import tree_reduce
 from mlx_lm.utils import load_model
 
+from ..layers.decode_compile import compile_default, set_compiled_decode
 from ..loader import check_converted, default_dtype, load_config, load_tokenizer
 from ..loader_utils import cast_floats
 from ..models import get_model_classes
@@ -104,12 +105,23 @@ def load_rank(model_path, mode: str, comm, layer_counts: Optional[str] = None,
             cast_floats(model, dtype, getattr(model, "cast_predicate", None))
         if comm.rank != 0 and "lm_head" in model:  # only rank 0 turns hidden states into logits
             model.pop("lm_head")
+        heads = "whole on every rank"
+        if shard.split_attention_default(comm.backend):
+            attns = [layer.self_attn for layer in model.model.layers]
+            if attns and all(shard.can_split_attention(a, comm.size) for a in attns):
+                for a in attns:
+                    shard.split_attention(a, comm)
+                heads = f"{attns[0].num_heads} of {attns[0].num_heads * comm.size} heads per rank"
+            elif comm.size > 1:
+                heads += " (not MLA, or its heads do not split evenly)"
         strategy = shard.default_strategy()
         shard.wrap_experts(model, comm, lo, hi, strategy, counter)
         what = (f"experts: routed experts {lo}..{hi - 1} of {E} ({ranged} tensors read by range, "
-                f"{strategy}), shared experts: {shared}")
+                f"{strategy}), shared experts: {shared}, attention: {heads}")
     else:
         raise ValueError(f"distributed mode must be pipeline or experts, not {mode!r}")
+    if compile_default():
+        set_compiled_decode(model)
     for layer in model.model.layers:  # one layer at a time bounds the transient memory
         mx.eval(layer.parameters())
     mx.eval(model.parameters())

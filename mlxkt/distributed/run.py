@@ -26,6 +26,8 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..layers.decode_compile import set_compiled_decode
+
 PROMPT = "The quick brown fox jumps over the lazy dog. Distributed inference on two Macs"
 
 
@@ -120,22 +122,27 @@ def record_routing(model) -> RoutingLog:
     return log
 
 
-def pairs_by_rank(model, log: RoutingLog, size: int) -> list:
-    """(token, expert) pairs per decode token that each rank's expert range ran."""
+def pairs_by_rank(model, log: RoutingLog, size: int, tokens: list) -> list:
+    """(token, expert) pairs per generated token that each rank's expert range ran, from one
+    eager forward over the prompt and the generated tokens (compiled decode steps replay a
+    trace, so they record nothing)."""
     from . import load, plan, shard
 
     inner = getattr(model, "inner", model)
     layers = len(list(shard.moe_blocks(inner)))
-    decode = [a.reshape(-1, a.shape[-1]) for a in log.calls if a.size == a.shape[-1]]  # one token
-    if not decode or not layers:
+    if not tokens or not layers:
         return None
-    ids = mx.concatenate(decode, axis=0)  # [decode calls, K]
-    steps = len(decode) / layers
+    compiled = any(getattr(layer, "compiled_decode", None) is not None for layer in inner.layers)
+    set_compiled_decode(inner, False)
+    log.calls.clear()
+    mx.eval(model(mx.array(tokens)[None], model.make_cache()))
+    set_compiled_decode(inner, compiled)
+    ids = mx.concatenate([a.reshape(-1, a.shape[-1]) for a in log.calls], axis=0)  # [layers * L, K]
     E = load.num_experts(inner.args)
     out = []
     for k in range(size):
         lo, hi = plan.expert_range(E, k, size)
-        out.append(((ids >= lo) & (ids < hi)).sum().item() / steps)
+        out.append(((ids >= lo) & (ids < hi)).sum().item() / len(tokens))
     return out
 
 
@@ -185,8 +192,13 @@ def decode_collectives(model, tokenizer) -> list:
     logits = model(mx.array(tokenizer.encode(PROMPT))[None], cache)  # [1, L, vocab]
     tok = mx.argmax(logits[:, -1], axis=-1)  # [1]
     mx.eval(tok)
+    # A compiled step replays its trace without calling all_sum from Python: count eagerly.
+    inner = getattr(model, "inner", model)
+    compiled = any(getattr(layer, "compiled_decode", None) is not None for layer in inner.layers)
+    set_compiled_decode(inner, False)
     with CountCollectives(model.comm) as counted:
         mx.eval(model(tok[:, None], cache))
+    set_compiled_decode(inner, compiled)
     return counted.summary()
 
 
@@ -345,8 +357,8 @@ def main(argv=None):
     counter = [] if args.mode == "experts" and args.pairs == "sync" else None
     routing = None
 
-    def write_follower_stats(model):
-        stats = {"bytes": bytes_per_token(model, counter)}
+    def write_follower_stats(model, follow_stats=None):
+        stats = {"bytes": bytes_per_token(model, counter), "follow": follow_stats}
         if args.mode == "experts" and args.pairs == "routing":  # rank 0's pairs_by_rank has them
             stats["bytes"].update(expert_pairs_per_token=None, bytes_per_token=None)
         comm = find_comm(model)
@@ -388,7 +400,9 @@ def main(argv=None):
         result["collectives_per_token"] = decode_collectives(model, tokenizer)
     pairs = None
     if routing is not None:
-        result["pairs_by_rank"] = pairs_by_rank(model, routing, comm.size)
+        generated = result.get("generate", {}).get("tokens", [])
+        result["pairs_by_rank"] = pairs_by_rank(model, routing, comm.size,
+                                                tokenizer.encode(PROMPT) + generated)
         pairs = result["pairs_by_rank"] and result["pairs_by_rank"][0]
     result["bytes"] = bytes_per_token(model, counter, pairs)
     if hasattr(model, "shutdown"):

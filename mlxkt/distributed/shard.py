@@ -7,6 +7,8 @@ ranks the embedding becomes a receive and the final norm a send.
 Experts: every MoE block's routed experts keep only ids [lo, hi) and compute only the
 (token, expert) pairs that fall there; the shared experts are split along their hidden
 dimension; the block's output is a partial sum, completed by one all_sum per MoE layer.
+Optionally (split_attention) each rank also keeps 1/size of the MLA heads: a second all_sum
+per layer, after o_proj, and attention and the dense projections split too.
 """
 
 import os
@@ -143,13 +145,19 @@ class LocalExperts(nn.Module):
         local = (idx >= self.lo) & (idx < self.hi)  # [N, K]
         if self.counter is not None:  # (tokens, this rank's pairs): a host sync, benchmarks only
             self.counter.append((idx.shape[0], local.sum().item()))
-        strategy = self.strategy
-        if strategy == "auto":
-            gpu_decode = mx.default_device() != mx.cpu and idx.shape[0] <= DECODE_TOKENS
-            strategy = "masked" if gpu_decode else "compact"
-        if strategy == "compact":
+        if self.resolve(idx.shape[0]) == "compact":
             return self._compact(x.reshape(-1, D), idx, scores.reshape(-1, K), local).reshape(x.shape)
         return self._masked(x, idx, scores.reshape(-1, K), local, inds.shape)
+
+    def resolve(self, tokens: int) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        gpu_decode = mx.default_device() != mx.cpu and tokens <= DECODE_TOKENS
+        return "masked" if gpu_decode else "compact"
+
+    def syncs(self, tokens: int) -> bool:
+        """Whether a call over `tokens` tokens reads values back on the host."""
+        return self.counter is not None or self.resolve(tokens) == "compact"
 
     def _compact(self, xf, idx, scores, local):
         K = idx.shape[-1]
@@ -187,23 +195,26 @@ class ShardedMoE(nn.Module):
         return self.comm.all_sum(self.block(x))
 
 
+# A column slice is a strided view; MLX's CUDA quantized matmuls take only row-contiguous
+# weights ("No implementation for problem shape"), so every kept slice is made contiguous.
+
 def slice_rows(layer: nn.Module, a: int, b: int) -> None:
     """Keep output rows [a, b) of a Linear / QuantizedLinear."""
     for name in ("weight", "scales", "biases", "bias"):
         if layer.get(name) is not None:
-            layer[name] = layer[name][a:b]
+            layer[name] = mx.contiguous(layer[name][a:b])
 
 
 def slice_cols(layer: nn.Module, a: int, b: int) -> None:
     """Keep input columns [a, b) of a Linear / QuantizedLinear (packed and grouped if quantized)."""
     if "scales" in layer:
         bits, gs = layer.bits, layer.group_size
-        layer.weight = layer.weight[:, a * bits // 32 : b * bits // 32]
-        layer.scales = layer.scales[:, a // gs : b // gs]
+        layer.weight = mx.contiguous(layer.weight[:, a * bits // 32 : b * bits // 32])
+        layer.scales = mx.contiguous(layer.scales[:, a // gs : b // gs])
         if layer.get("biases") is not None:
-            layer.biases = layer.biases[:, a // gs : b // gs]
+            layer.biases = mx.contiguous(layer.biases[:, a // gs : b // gs])
     else:
-        layer.weight = layer.weight[:, a:b]
+        layer.weight = mx.contiguous(layer.weight[:, a:b])
 
 
 def shared_split_ok(mlp: nn.Module, size: int) -> bool:
@@ -232,6 +243,61 @@ def split_shared_experts(block: nn.Module, rank: int, size: int) -> str:
     slice_rows(mlp.up_proj, a, b)
     slice_cols(mlp.down_proj, a, b)
     return "split"
+
+
+# --- attention heads (experts mode, optional) ----------------------------------------------
+
+SPLIT_ATTENTION_ENV = "MLXKT_SPLIT_ATTENTION"
+
+
+def split_attention_default(backend: str) -> bool:
+    """Split MLA heads across ranks: 1/0 from MLXKT_SPLIT_ATTENTION, else on over NCCL (GPUs
+    of one host: a second all_sum per layer costs microseconds) and off elsewhere (over
+    Thunderbolt each all_sum costs more than the attention it saves at short context)."""
+    value = os.environ.get(SPLIT_ATTENTION_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return backend == "nccl"
+    return value not in ("0", "false", "off", "no")
+
+
+class AllSumLinear(nn.Module):
+    """An output projection that sees only this rank's heads: its output is a partial sum."""
+
+    def __init__(self, inner: nn.Module, comm):
+        super().__init__()
+        self.inner = inner
+        self.comm = comm
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.comm.all_sum(self.inner(x))
+
+
+def can_split_attention(attn: nn.Module, size: int) -> bool:
+    """An MLAttention whose heads, and o_proj's quantization groups, split evenly."""
+    H = getattr(attn, "num_heads", 0)
+    if not hasattr(attn, "embed_q") or size == 1 or H % size:
+        return False
+    cols, o = H // size * attn.unembed_out.weight.shape[1], attn.o_proj
+    return "scales" not in o or (cols % o.group_size == 0 and cols * o.bits % 32 == 0)
+
+
+def split_attention(attn: nn.Module, comm) -> None:
+    """Keep this rank's 1/size of an MLAttention's heads (queries, absorbed up-projections,
+    o_proj columns); the latent cache is shared by all heads, so every rank keeps it whole."""
+    part, v = attn.num_heads // comm.size, attn.unembed_out.weight.shape[1]
+    o = attn.o_proj
+    a, b = comm.rank * part, (comm.rank + 1) * part
+    q = attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj
+    slice_rows(q, a * attn.q_head_dim, b * attn.q_head_dim)
+    for m in (attn.embed_q, attn.unembed_out):  # [H, ...] stacks
+        for name in ("weight", "scales", "biases"):
+            if m.get(name) is not None:
+                m[name] = mx.contiguous(m[name][a:b])
+    slice_cols(o, a * v, b * v)
+    if comm.rank != 0 and o.get("bias") is not None:  # added once, by rank 0
+        o.pop("bias")
+    attn.o_proj = AllSumLinear(o, comm)
+    attn.num_heads = part
 
 
 def wrap_experts(model, comm, lo: int, hi: int, strategy: str, counter: Optional[list] = None) -> None:

@@ -7,9 +7,9 @@ their elementwise ops and traces them once per shape):
         queries absorbed into latent space;
   post: latent -> heads -> o_proj, residual, post-attention norm, MoE or MLP, residual.
 The cache update and attention over the cache stay eager, since their shapes grow.
-Off by default until it is measured on a GPU (`mlxkt bench --variants compiled`); on this
-project's CPU machine it gave 1.02-1.10x decode. MLXKT_COMPILE=1 (or load(compile=True))
-turns it on.
+On by default on a GPU: on an H100 it made decode 1.37-1.42x faster (8-layer real-width
+slice, `mlxkt bench --variants eager`); off on the CPU, where it gave only 1.02-1.10x.
+MLXKT_COMPILE=1/0 (or load(compile=...)) overrides.
 """
 
 import os
@@ -22,7 +22,10 @@ ENV = "MLXKT_COMPILE"
 
 
 def compile_default() -> bool:
-    return os.environ.get(ENV, "0").strip().lower() not in ("", "0", "false", "off", "no")
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return mx.default_device().type == mx.gpu
+    return value not in ("0", "false", "off", "no")
 
 
 class CompiledDecode:

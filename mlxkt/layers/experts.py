@@ -1,18 +1,28 @@
 """The routed-expert MLP of a MoE layer: y = sum_k w_k * down_e(silu(gate_e(x)) * up_e(x)).
 
 Parameters keep mlx-lm's names (`switch_mlp.{gate,up,down}_proj.weight`, stacked [E, out, in])
-so mlx-lm conversions load unchanged. The call goes through mlxkt.kernels: fused Metal/CUDA
-kernels on a GPU for decode-sized batches, the plain-MLX reference otherwise.
+so mlx-lm conversions load unchanged. Three paths, chosen per call:
+  - prefill-sized batches of quantized experts on a GPU: one dense quantized matmul per
+    touched expert (expert_segments.py; MLXKT_SEGMENTS=0 turns it off, =1 on, also on CPU);
+  - otherwise mlxkt.kernels: fused Metal/CUDA kernels on a GPU for decode-sized batches,
+    the plain-MLX reference (gather_qmm) for the rest.
 """
+
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from ..kernels.dispatch import routed_experts
+from .expert_segments import segmented_experts, use_segments
 
 
 class RoutedExperts(nn.Module):
+    # None: segmented prefill when use_segments says so; False: never (a plain attribute, not
+    # a parameter; mlxkt.bench's "no-segments" variant sets it on one engine only).
+    segments: Optional[bool] = None
+
     def __init__(self, dims: int, hidden_dims: int, num_experts: int):
         super().__init__()
         self.gate_proj = SwitchLinear(dims, hidden_dims, num_experts, bias=False)
@@ -21,7 +31,11 @@ class RoutedExperts(nn.Module):
 
     def __call__(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
         # x: [..., D], inds/scores: [..., K] -> [..., D]
-        return routed_experts(x, inds, scores, self.gate_proj, self.up_proj, self.down_proj)
+        projs = (self.gate_proj, self.up_proj, self.down_proj)
+        y = None
+        if self.segments is not False and use_segments(x, inds, *projs):
+            y = segmented_experts(x, inds, scores, *projs)  # None inside mx.compile
+        return routed_experts(x, inds, scores, *projs) if y is None else y
 
     @classmethod
     def wrap(cls, gate_proj, up_proj, down_proj) -> "RoutedExperts":
