@@ -3,15 +3,18 @@ whether the tokens equal one process's, bytes each rank reads per decoded token,
 spent in all_sum per decoded token.
 
     python benchmarks/distributed.py [--backend ring|nccl] [--model DIR | --synthetic L,E]
-        [--runs single:1,experts:2] [--max-tokens 32] [--repeats 1] [--workdir W] [--json F]
+        [--runs single:1,experts:2[:KEY=VALUE+...]] [--max-tokens 32] [--repeats 1] [--workdir W] [--json F]
 
 Issue #8 on two GPUs (nvidia-h100-x2, MLX CUDA installed; one device call, ~5-7 minutes on a
-fresh machine, most of it MLX's CUDA kernel compilation in the first process; --max-seconds
-keeps it inside the call's 10 minutes, the JSON is rewritten after every run):
+fresh machine, most of it MLX's CUDA kernel compilation in the first process: once a first
+process was stopped at 349 s still without output, and the next, on the filled cache, warmed
+up in 68 s; --max-seconds keeps it inside the call's 10 minutes, the JSON is rewritten after
+every run). A run may carry its own environment after a third colon, e.g.
+whether MLX batches kernels into CUDA graphs (each NCCL call is captured into them):
 
     python3 -W ignore benchmarks/distributed.py --backend nccl --synthetic 8,32 \
-        --runs single:1,experts:1,experts:2,pipeline:2 --max-tokens 64 --repeats 2 \
-        --max-seconds 500 --workdir /tmp/w8 --json $OUT/dist.json
+        --runs single:1,experts:2,single:1:MLX_USE_CUDA_GRAPHS=0,experts:2:MLX_USE_CUDA_GRAPHS=0,experts:2:MLXKT_SPLIT_ATTENTION=0 \
+        --max-tokens 32 --repeats 2 --max-seconds 540 --workdir /tmp/w8 --json $OUT/dist.json
 
 Each run is fresh processes: `mode:1` one process (single: mlxkt.load; experts:1 the
 expert-parallel code path on one rank), `mode:N` N local ranks through `mlxkt launch -n N
@@ -60,15 +63,26 @@ LOG_TAIL = 20  # lines of a failed run's log in the report
 
 
 def parse_runs(text: str) -> list:
-    """'single:1,experts:2' -> [('single', 1), ('experts', 2)]."""
+    """'single:1,experts:2:A=1+B=x' -> [('single', 1, {}), ('experts', 2, {'A': '1', 'B': 'x'})]:
+    a run's own environment variables (for every process of that run) follow a third colon."""
     runs = []
     for item in filter(None, (t.strip() for t in text.split(","))):
-        mode, _, n = item.partition(":")
-        ranks = int(n or 1)
+        mode, _, rest = item.partition(":")
+        n, _, envs = rest.partition(":")
+        try:
+            ranks = int(n or 1)
+            env = dict(kv.split("=", 1) for kv in filter(None, envs.split("+")))
+        except ValueError:
+            ranks, env = 0, {}
         if mode not in MODES or ranks < 1 or (mode == "single" and ranks != 1):
-            raise SystemExit(f"--runs: {item!r} is not one of single:1, experts:N, pipeline:N")
-        runs.append((mode, ranks))
+            raise SystemExit(f"--runs: {item!r} is not one of single:1, experts:N, pipeline:N "
+                             f"(optionally followed by :KEY=VALUE+KEY=VALUE)")
+        runs.append((mode, ranks, env))
     return runs
+
+
+def run_name(mode: str, ranks: int, env: dict) -> str:
+    return " ".join([f"{mode}:{ranks}"] + [f"{k}={v}" for k, v in env.items()])
 
 
 def build_model(out: Path) -> Path:
@@ -105,18 +119,19 @@ def model_facts(model_dir: Path) -> dict:
     return facts
 
 
-def child_env() -> dict:
+def child_env(extra: dict = None) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           **(extra or {})}
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (shared hosts)
     return env
 
 
-def run_process(argv: list, log: Path, timeout: float) -> tuple:
+def run_process(argv: list, log: Path, timeout: float, env: dict = None) -> tuple:
     """-> (exit status, seconds); the whole process group is killed past `timeout`."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        p = subprocess.Popen(argv, cwd=REPO, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
+        p = subprocess.Popen(argv, cwd=REPO, env=child_env(env), stdout=f, stderr=subprocess.STDOUT,
                              start_new_session=True)
         try:
             rc = p.wait(timeout=timeout)
@@ -142,7 +157,7 @@ def reason(log: str) -> str:
 
 
 def run_once(model_dir: Path, mode: str, ranks: int, args, out: Path, *, max_tokens: int,
-             repeats: int, warmup_tokens: int) -> dict:
+             repeats: int, warmup_tokens: int, env: dict = None) -> dict:
     for old in [out, *out.parent.glob(out.name + ".rank*")]:
         old.unlink(missing_ok=True)
     driver = [sys.executable, "-m", "mlxkt.distributed.run", str(model_dir), "--mode", mode,
@@ -153,8 +168,9 @@ def run_once(model_dir: Path, mode: str, ranks: int, args, out: Path, *, max_tok
         sys.executable, "-m", "mlxkt.distributed.cli", "-n", str(ranks), "--backend", args.backend,
         "--timeout", str(args.step_timeout), "--", *driver]
     log = out.with_suffix(".log")
-    rc, seconds = run_process(argv, log, args.run_timeout)
-    row = {"mode": mode, "ranks": ranks, "seconds": seconds, "log": str(log)}
+    rc, seconds = run_process(argv, log, args.run_timeout, env)
+    row = {"mode": mode, "ranks": ranks, "env": env or {}, "name": run_name(mode, ranks, env or {}),
+           "seconds": seconds, "log": str(log)}
     if rc != 0 or not out.exists():
         log_tail = tail(log)
         return dict(row, ok=False, status=rc, reason=reason(log_tail), error=log_tail)
@@ -195,11 +211,14 @@ def rank_bytes(r: dict, out: Path, ranks: int) -> list:
 
 
 def compare(rows: list) -> None:
-    """Tokens and speed against the single-process run (the first one that succeeded)."""
-    base = next((r for r in rows if r["ok"] and r["mode"] == "single"), None)
+    """Tokens and speed against the single-process run with the same environment, else the
+    first single-process run that succeeded."""
+    singles = [r for r in rows if r["ok"] and r["mode"] == "single"]
     for r in rows:
+        base = next((b for b in singles if b["env"] == r["env"]), singles[0] if singles else None)
         if not r["ok"] or base is None:
             continue
+        r["compared_with"] = base["name"]
         r["identical_to_single"] = r["tokens"] == base["tokens"]
         same = [a == b for a, b in zip(r["tokens"], base["tokens"])] + [False]
         n = same.index(False)  # the tokens agree up to here: compare their log-probabilities
@@ -219,24 +238,25 @@ def warmup_mode(mode: str) -> str:
 def print_table(report: dict) -> None:
     print(f"\n{report['machine'].get('gpu') or report['machine'].get('cpu')}, MLX {report['machine']['mlx']}, "
           f"backend {report['backend']}, model {report['model']}")
-    print(f"{'run':<11}{'decode tok/s':>13}{'x single':>9}{'prompt tok/s':>13}{'same tokens':>12}"
+    width = max([11] + [len(r["name"]) + 1 for r in report["rows"]])
+    print(f"{'run':<{width}}{'decode tok/s':>13}{'x single':>9}{'prompt tok/s':>13}{'same tokens':>12}"
           f"{'all_sum ms/tok':>15}{'calls/tok':>10}   MiB/token per rank")
     for r in report["rows"]:
-        name = f"{r['mode']}:{r['ranks']}"
+        name = r["name"]
         if not r["ok"]:
             what = "SKIPPED" if r["status"] is None else f"FAILED (status {r['status']})"
-            print(f"{name:<11}{what}: {r['reason'][:160]}")
+            print(f"{name:<{width}}{what}: {r['reason'][:160]}")
             continue
         calls = sum(c["count"] for c in r.get("collectives_per_token") or [] if c["op"] == "all_sum")
         ms = r.get("allsum_ms_per_token")
         same = {True: "yes", False: f"NO@{r.get('first_difference')}", None: "-"}[r.get("identical_to_single")]
         mib = ", ".join(f"{b / 2**20:.1f}" for b in r["bytes_per_token_per_rank"])
-        print(f"{name:<11}{r['decode_tps']:>13.2f}{r.get('speedup_vs_single', float('nan')):>9.2f}"
+        print(f"{name:<{width}}{r['decode_tps']:>13.2f}{r.get('speedup_vs_single', float('nan')):>9.2f}"
               f"{r['prompt_tps']:>13.1f}{same:>12}{'-' if ms is None else f'{ms:.3f}':>15}"
               f"{calls if r['ranks'] > 1 or calls else '-':>10}   {mib}")
     for r in report["rows"]:
         for c in r.get("allsum_calls") or []:
-            print(f"  {r['mode']}:{r['ranks']} all_sum {c['dtype']}{c['shape']} x{c['count']}/token: "
+            print(f"  {r['name']} all_sum {c['dtype']}{c['shape']} x{c['count']}/token: "
                   f"{c['median_us']:.1f} us median")
 
 
@@ -250,7 +270,8 @@ def main(argv=None):
                      help="a random DeepSeek-V3 slice at real widths (mlxkt.bench.synth), written to --workdir")
     ap.add_argument("--preset", choices=["dsv3", "tiny"], default="dsv3", help="--synthetic widths (tiny: tests)")
     ap.add_argument("--runs", default="single:1,experts:2",
-                    help="mode:ranks, e.g. single:1,experts:1,experts:2,pipeline:2")
+                    help="mode:ranks[:KEY=VALUE+...], e.g. single:1,experts:2,"
+                         "single:1:MLX_USE_CUDA_GRAPHS=0,experts:2:MLX_USE_CUDA_GRAPHS=0")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=1, help="timed generations per process (median)")
     ap.add_argument("--warmup-tokens", type=int, default=8, help="untimed generation in each process first")
@@ -274,23 +295,23 @@ def main(argv=None):
               "prepare_seconds": time.perf_counter() - t0, "max_tokens": args.max_tokens,
               "repeats": args.repeats, "warmups": [], "rows": [], "complete": False}
 
-    def run(mode, ranks, out, **kw):
+    def run(mode, ranks, out, env=None, **kw):
         left = args.max_seconds - (time.perf_counter() - t0) if args.max_seconds else args.run_timeout
         if left < 30:
-            return {"mode": mode, "ranks": ranks, "ok": False, "status": None,
-                    "reason": "--max-seconds reached", "error": ""}
+            return {"mode": mode, "ranks": ranks, "env": env or {}, "name": run_name(mode, ranks, env or {}),
+                    "ok": False, "status": None, "reason": "--max-seconds reached", "error": ""}
         args_run = argparse.Namespace(**{**vars(args), "run_timeout": min(args.run_timeout, left)})
-        return run_once(model_dir, mode, ranks, args_run, out, **kw)
+        return run_once(model_dir, mode, ranks, args_run, out, env=env, **kw)
 
     warm = set()
-    for mode, ranks in runs:
+    for i, (mode, ranks, env) in enumerate(runs):
         if ranks > 1 and not args.no_warmup_runs and warmup_mode(mode) not in warm:
             w = run(warmup_mode(mode), 1, work / f"warmup-{warmup_mode(mode)}.json",
                     max_tokens=WARMUP_RUN_TOKENS, repeats=1, warmup_tokens=0)
             report["warmups"].append({k: w.get(k) for k in ("mode", "ranks", "ok", "seconds", "reason")})
             warm.add(warmup_mode(mode))
-        row = run(mode, ranks, work / f"{mode}{ranks}.json", max_tokens=args.max_tokens,
-                  repeats=args.repeats, warmup_tokens=args.warmup_tokens)
+        row = run(mode, ranks, work / (f"{mode}{ranks}.json" if not env else f"{mode}{ranks}-{i}.json"),
+                  env, max_tokens=args.max_tokens, repeats=args.repeats, warmup_tokens=args.warmup_tokens)
         report["rows"].append(row)
         if ranks == 1 and row["ok"]:
             warm.add(warmup_mode(mode))

@@ -68,9 +68,28 @@ def test_a_run_that_cannot_start_is_reported_not_fatal(bench, workdir):
     assert "send/recv" in pipeline["reason"] and pipeline["status"] != 0
 
 
+def test_a_run_gets_its_own_environment(bench, workdir):
+    """Heads split too (a second all_sum per layer) in one run only, through its environment."""
+    report = run_bench(bench, workdir, "--runs",
+                       "single:1,experts:2,experts:2:MLXKT_SPLIT_ATTENTION=1+MLXKT_EXPERT_SHARD=masked")
+    single, plain, split = report["rows"]
+    assert plain["ok"] and split["ok"], [r.get("error") for r in report["rows"]]
+    assert split["env"] == {"MLXKT_SPLIT_ATTENTION": "1", "MLXKT_EXPERT_SHARD": "masked"}
+    assert split["name"] == "experts:2 MLXKT_SPLIT_ATTENTION=1 MLXKT_EXPERT_SHARD=masked"
+    assert split["identical_to_single"] is True and split["compared_with"] == "single:1"
+    hidden = report["model_facts"]["hidden_size"]
+
+    def calls(row):
+        return sum(c["count"] for c in row["collectives_per_token"] if c["shape"] == [1, 1, hidden])
+
+    assert calls(plain) == 2 and calls(split) == 4  # 2 layers: + one all_sum after each o_proj
+
+
 def test_bad_runs_are_refused(bench):
-    assert bench.parse_runs("single:1,experts:2,pipeline:2") == [("single", 1), ("experts", 2), ("pipeline", 2)]
-    for bad in ("single:2", "tensor:2", "experts:0"):
+    assert bench.parse_runs("single:1,experts:2,pipeline:2") == [
+        ("single", 1, {}), ("experts", 2, {}), ("pipeline", 2, {})]
+    assert bench.parse_runs("experts:2:A=1+B=x=y") == [("experts", 2, {"A": "1", "B": "x=y"})]
+    for bad in ("single:2", "tensor:2", "experts:0", "experts:2:NOVALUE", "experts:x"):
         with pytest.raises(SystemExit):
             bench.parse_runs(bad)
 
