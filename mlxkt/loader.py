@@ -66,7 +66,7 @@ def load(
 ) -> Tuple[nn.Module, TokenizerWrapper]:
     """Load a converted model. `mtp=True` attaches the MTP layer when the directory has one
     (generation then decodes speculatively). `compile`: decode steps through mx.compile
-    (None: MLXKT_COMPILE, else on a GPU only; see layers/decode_compile.py)."""
+    (None: MLXKT_COMPILE, else on NVIDIA GPUs only; see layers/decode_compile.py)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"{path}: no such model directory")

@@ -7,9 +7,10 @@ their elementwise ops and traces them once per shape):
         queries absorbed into latent space;
   post: latent -> heads -> o_proj, residual, post-attention norm, MoE or MLP, residual.
 The cache update and attention over the cache stay eager, since their shapes grow.
-On by default on a GPU: on an H100 it made decode 1.37-1.42x faster (8-layer real-width
-slice, `mlxkt bench --variants eager`); off on the CPU, where it gave only 1.02-1.10x.
-MLXKT_COMPILE=1/0 (or load(compile=...)) overrides.
+On by default on NVIDIA GPUs: on an H100 it made decode 1.37-1.42x faster (8-layer
+real-width slice, `mlxkt bench --variants eager`). Off on the CPU, where it gave only
+1.02-1.08x, and on Apple GPUs until it is measured there. MLXKT_COMPILE=1/0 (or
+load(compile=...)) overrides.
 """
 
 import os
@@ -24,7 +25,7 @@ ENV = "MLXKT_COMPILE"
 def compile_default() -> bool:
     value = os.environ.get(ENV, "").strip().lower()
     if value in ("", "auto"):
-        return mx.default_device().type == mx.gpu
+        return mx.default_device().type == mx.gpu and mx.cuda.is_available()
     return value not in ("0", "false", "off", "no")
 
 
