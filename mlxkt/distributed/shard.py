@@ -180,8 +180,8 @@ class LocalExperts(nn.Module):
         return self.inner(x, li.reshape(shape), w.reshape(shape))
 
 
-class ShardedMoE(nn.Module):
-    """all_sum of the block's partial output: one collective per MoE layer."""
+class AllSum(nn.Module):
+    """all_sum of a module's partial output (this rank's share of a sum over ranks)."""
 
     def __init__(self, block: nn.Module, comm):
         super().__init__()
@@ -193,6 +193,10 @@ class ShardedMoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.comm.all_sum(self.block(x))
+
+
+class ShardedMoE(AllSum):
+    """A MoE block over this rank's experts: one collective per MoE layer."""
 
 
 # A column slice is a strided view; MLX's CUDA quantized matmuls take only row-contiguous
@@ -260,16 +264,8 @@ def split_attention_default(backend: str) -> bool:
     return value not in ("0", "false", "off", "no")
 
 
-class AllSumLinear(nn.Module):
+class AllSumLinear(AllSum):
     """An output projection that sees only this rank's heads: its output is a partial sum."""
-
-    def __init__(self, inner: nn.Module, comm):
-        super().__init__()
-        self.inner = inner
-        self.comm = comm
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.comm.all_sum(self.inner(x))
 
 
 def can_split_attention(attn: nn.Module, size: int) -> bool:
