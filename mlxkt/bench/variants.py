@@ -2,9 +2,11 @@
 measured against the engine as it is, in the same run. Nothing here changes the engine's
 files; what pays off moves into the engine.
 
-- compiled:      decode through the engine's compiled layers (layers/decode_compile.py,
-                 off by default until measured on a GPU; MLXKT_COMPILE=1 turns it on).
-- eager:         the compiled layers forced off (the "before" when MLXKT_COMPILE=1).
+- compiled:      decode through the engine's compiled layers (layers/decode_compile.py;
+                 the default on NVIDIA GPUs).
+- eager:         the compiled layers forced off (the "before" where they are the default).
+- one-stream:    attention on one CPU stream (layers/cpu_heads.py spreads the heads over
+                 two on a CPU with long caches): the before/after of that change.
 - mla-gemm:      the decode attention over the latent cache as three GEMMs (all heads as
                  rows) instead of a score matmul + SDPA with the rope scores as the mask.
 - no-segments:   the engine's segmented prefill of the routed experts (one dense quantized
@@ -55,11 +57,19 @@ def _no_segments(engine: Engine):
 
 
 # Variants that change prefill too: the bench times their prefill (the others are decode-only).
-PREFILL_VARIANTS = {"no-segments"}
+PREFILL_VARIANTS = {"no-segments", "one-stream"}
+
+def _one_stream(engine: Engine):
+    for layer in engine.model.model.layers:
+        attn = layer.self_attn
+        if hasattr(attn, "attend_heads"):
+            attn.attend = attn.attend_heads
+
 
 VARIANTS = {
     "compiled": lambda e: set_compiled_decode(e.model, True),
     "eager": lambda e: set_compiled_decode(e.model, False),
+    "one-stream": _one_stream,
     "mla-gemm": _gemm_attention,
     "no-segments": _no_segments,
 }

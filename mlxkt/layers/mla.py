@@ -14,6 +14,7 @@ from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.rope_utils import apply_yarn_mscale, initialize_rope
 
 from ..config import ModelArgs
+from .cpu_heads import split_heads
 
 # Query lengths up to this use the absorbed path.
 ABSORB_MAX_L = 16
@@ -81,6 +82,10 @@ class MLAttention(nn.Module):
         """SDPA of q over (k, v) plus the rope scores q_pe . k_pe, which ride in as the
         additive mask (with the causal mask folded in), so q/k may live in either space."""
         # q: [B, H, L, dq], q_pe: [B, H, L, rope] (pre-scaled), k/v: [B, 1|H, S, *]
+        out = split_heads(self.attend_heads, q, q_pe, k, v, k_pe, mask)  # CPU, long caches
+        return out if out is not None else self.attend_heads(q, q_pe, k, v, k_pe, mask)
+
+    def attend_heads(self, q, q_pe, k, v, k_pe, mask=None):
         pe_scores = q_pe @ k_pe.swapaxes(-1, -2)  # [B, H, L, S]
         if mask is not None:
             neg = mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype)

@@ -1,0 +1,65 @@
+"""Attention heads spread over CPU streams (layers/cpu_heads.py) give the one-stream result."""
+
+import mlx.core as mx
+import pytest
+
+from mlxkt.demo import DEMO_CONFIG
+from mlxkt.layers import cpu_heads
+from tiny_models import random_model
+
+S = cpu_heads.MIN_KEYS + 37
+
+
+@pytest.fixture
+def attn():
+    return random_model(DEMO_CONFIG).model.layers[0].self_attn
+
+
+def inputs(attn, L, per_head_kv):
+    H, r, rope = attn.num_heads, attn.kv_lora_rank, attn.qk_rope_head_dim
+    dq = attn.qk_nope_head_dim if per_head_kv else r
+    key = iter(mx.random.split(mx.random.key(L), 5))
+    q = mx.random.normal((1, H, L, dq), key=next(key))
+    q_pe = mx.random.normal((1, H, L, rope), key=next(key)) * attn.scale
+    kv_heads = H if per_head_kv else 1
+    k = mx.random.normal((1, kv_heads, S, dq), key=next(key))
+    v = mx.random.normal((1, kv_heads, S, attn.unembed_out.weight.shape[1] if per_head_kv else r), key=next(key))
+    k_pe = mx.random.normal((1, 1, S, rope), key=next(key))
+    mask = mx.arange(S)[None] <= (S - L + mx.arange(L))[:, None] if L > 1 else None  # causal
+    return q, q_pe, k, v, k_pe, mask
+
+
+@pytest.mark.parametrize("L,per_head_kv", [(1, False), (2, False), (20, True)])
+@pytest.mark.parametrize("streams", ["2", "3"])
+def test_split_heads_equal_one_stream(attn, monkeypatch, L, per_head_kv, streams):
+    monkeypatch.setenv(cpu_heads.ENV, streams)
+    args = inputs(attn, L, per_head_kv)
+    got = cpu_heads.split_heads(attn.attend_heads, *args)
+    want = attn.attend_heads(*args)
+    assert got is not None and got.shape == want.shape
+    assert mx.allclose(got, want, atol=1e-6, rtol=1e-6).item()
+    assert mx.allclose(attn.attend(*args), want, atol=1e-6, rtol=1e-6).item()
+
+
+def test_no_split_where_it_does_not_pay(attn, monkeypatch):
+    monkeypatch.setenv(cpu_heads.ENV, "2")
+    q, q_pe, k, v, k_pe, mask = inputs(attn, 1, False)
+    short = [t[:, :, : cpu_heads.MIN_KEYS - 1] for t in (k, v, k_pe)]
+    assert cpu_heads.split_heads(attn.attend_heads, q, q_pe, *short, mask) is None
+    monkeypatch.setenv(cpu_heads.ENV, "1")
+    assert cpu_heads.split_heads(attn.attend_heads, q, q_pe, k, v, k_pe, mask) is None
+    monkeypatch.delenv(cpu_heads.ENV)
+    assert cpu_heads.cpu_streams() in (1, 2)
+
+
+def test_model_decode_over_a_long_cache_is_unchanged(monkeypatch):
+    model = random_model(DEMO_CONFIG)
+    prompt = mx.random.randint(0, DEMO_CONFIG["vocab_size"], (1, S), key=mx.random.key(1))
+
+    def logits(streams):
+        monkeypatch.setenv(cpu_heads.ENV, streams)
+        cache = model.make_cache()
+        model(prompt, cache=cache)
+        return mx.concatenate([model(mx.array([[t]]), cache=cache) for t in (3, 9, 4)], axis=1)
+
+    assert mx.allclose(logits("2"), logits("1"), atol=1e-5, rtol=1e-5).item()
