@@ -1,8 +1,11 @@
 #!/bin/sh
 # Every GPU measurement of the closing notes in one device call (H100, MLX CUDA), results
 # under $OUT (default ./h100-out). Each step has its own time limit so one slow or failing
-# step leaves the others' numbers. The first step also pays MLX's CUDA kernel compilation.
-#   sh benchmarks/h100_session.sh [bench|kernels|router|mtp|tests ...]
+# step leaves the others' numbers. The first step also pays MLX's CUDA kernel compilation
+# (up to several minutes on a fresh machine). A device call lasts at most 10 minutes, so
+# split the steps over calls on the same warm machine, e.g. `dist` (two GPUs), then `tests`,
+# then `bench mtp`.
+#   sh benchmarks/h100_session.sh [bench|kernels|router|mtp|tests|dist ...]
 OUT=${OUT:-h100-out}
 mkdir -p "$OUT"
 STEPS=${*:-"bench kernels router mtp tests"}
@@ -16,8 +19,8 @@ step() {  # name, limit in s, command...
 for s in $STEPS; do
     case $s in
     bench) step bench "${BENCH_LIMIT:-400}" python3 -W ignore benchmarks/bench.py \
-        --layers 8 --experts 32 --prefill 512 --contexts 1024,32768 --decode-tokens 48 \
-        --repeats 3 --variants eager,mla-gemm,no-segments --max-seconds "${BENCH_SECONDS:-360}" \
+        --layers 8 --experts 32 --prefill 512,4096 --contexts 1024,8192,32768 --decode-tokens 32 \
+        --repeats 3 --variants eager,no-segments --max-seconds "${BENCH_SECONDS:-360}" \
         --workdir /tmp/w8 --out "$OUT/bench" ;;
     kernels) step kernels 300 python3 benchmarks/kernels.py --bits 4 --sweep \
         --json "$OUT/kernels.json" ;;
@@ -25,7 +28,12 @@ for s in $STEPS; do
     mtp) step mtp 150 sh -c "python3 benchmarks/mtp.py fixture --model .bench_data/tiny-bf16 \
         --tokens 200 --repeats 3 && MLXKT_COMPILE=0 python3 benchmarks/mtp.py fixture \
         --model .bench_data/tiny-bf16 --tokens 200 --repeats 3" ;;
-    tests) step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py \
-        tests/test_router_kernel.py tests/test_decode_compile.py ;;
+    tests) step tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider \
+        tests/test_router_kernel.py tests/test_decode_compile.py tests/test_expert_segments.py \
+        tests/test_distributed.py tests/test_kernels_gpu.py ;;
+    dist) step dist "${DIST_LIMIT:-560}" python3 -W ignore benchmarks/distributed.py --backend nccl \
+        --synthetic 8,32 --runs "${DIST_RUNS:-single:1,experts:2,single:1:MLX_USE_CUDA_GRAPHS=0,experts:2:MLX_USE_CUDA_GRAPHS=0,experts:2:MLXKT_SPLIT_ATTENTION=0}" \
+        --max-tokens 32 --repeats 2 --max-seconds "$(( ${DIST_LIMIT:-560} - 20 ))" --workdir /tmp/w8 \
+        --json "$OUT/dist.json" ;;
     esac
 done
