@@ -35,8 +35,10 @@ def split_heads(attend: Callable, q, q_pe, k, v, k_pe, mask=None) -> Optional[mx
     it does not apply (a GPU, a short cache, one stream or one head)."""
     # q, q_pe: [B, H, L, *]; k, v, k_pe: [B, 1 | H, S, *] -> [B, H, L, dv]
     H, S = q.shape[1], k.shape[2]
+    if S < MIN_KEYS or mx.default_device().type != mx.cpu:  # cheap checks first: every call
+        return None
     n = min(cpu_streams(), H)
-    if n < 2 or mx.default_device().type != mx.cpu or S < MIN_KEYS:
+    if n < 2:
         return None
     streams = (mx.default_stream(mx.cpu),) + side_streams(n)
     bounds = [H * i // n for i in range(n + 1)]

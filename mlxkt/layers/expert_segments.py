@@ -44,11 +44,13 @@ def use_segments(x, inds, gate_proj, up_proj=None, down_proj=None) -> bool:
     """Whether segmented_experts should run this call (quantized weights, a prefill-sized
     batch, a GPU or MLXKT_SEGMENTS=1)."""
     # x: [..., D], inds: [..., K]
+    if inds.size < SEGMENT_MIN_PAIRS:  # every decode step stops here
+        return False
     forced = _env_choice()
     if forced is False:
         return False
     projs = [p for p in (gate_proj, up_proj, down_proj) if p is not None]
-    if not all(_affine_quantized(p) for p in projs) or inds.size < SEGMENT_MIN_PAIRS:
+    if not all(_affine_quantized(p) for p in projs):
         return False
     # CUDA only: measured there, never on an Apple GPU.
     return forced or (mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available())
