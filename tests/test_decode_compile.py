@@ -4,7 +4,7 @@ import mlx.core as mx
 import pytest
 
 from mlxkt.generate import generate_step
-from mlxkt.layers.decode_compile import compile_default, set_compiled_decode
+from mlxkt.layers.decode_compile import compile_default, eager_decode, set_compiled_decode
 from mlxkt.speculative import SpecStats
 from mlxkt.demo import DEMO_CONFIG
 from tiny_models import attach_random_mtp, deepseek_tiny, random_model
@@ -104,3 +104,14 @@ def test_compiled_decode_with_kernels_on_gpu(monkeypatch):
     for a, b in zip(eager, compiled):
         assert mx.allclose(a, b, atol=1e-3, rtol=1e-3).item()
     assert [t for t, *_ in generate_step(PROMPT[0], model, max_tokens=12, mtp=False)] == eager_greedy
+
+
+def test_eager_decode_block_restores_the_state():
+    model = random_model(DEMO_CONFIG)
+    with eager_decode(model):  # off before: stays off
+        pass
+    assert all(layer.compiled_decode is None for layer in model.layers)
+    set_compiled_decode(model)
+    with eager_decode(model):
+        assert all(layer.compiled_decode is None for layer in model.layers)
+    assert all(layer.compiled_decode is not None for layer in model.layers)

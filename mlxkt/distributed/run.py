@@ -26,7 +26,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..layers.decode_compile import set_compiled_decode
+from ..layers.decode_compile import eager_decode
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Distributed inference on two Macs"
 
@@ -132,11 +132,9 @@ def pairs_by_rank(model, log: RoutingLog, size: int, tokens: list) -> list:
     layers = len(list(shard.moe_blocks(inner)))
     if not tokens or not layers:
         return None
-    compiled = any(getattr(layer, "compiled_decode", None) is not None for layer in inner.layers)
-    set_compiled_decode(inner, False)
     log.calls.clear()
-    mx.eval(model(mx.array(tokens)[None], model.make_cache()))
-    set_compiled_decode(inner, compiled)
+    with eager_decode(inner):
+        mx.eval(model(mx.array(tokens)[None], model.make_cache()))
     ids = mx.concatenate([a.reshape(-1, a.shape[-1]) for a in log.calls], axis=0)  # [layers * L, K]
     E = load.num_experts(inner.args)
     out = []
@@ -193,12 +191,8 @@ def decode_collectives(model, tokenizer) -> list:
     tok = mx.argmax(logits[:, -1], axis=-1)  # [1]
     mx.eval(tok)
     # A compiled step replays its trace without calling all_sum from Python: count eagerly.
-    inner = getattr(model, "inner", model)
-    compiled = any(getattr(layer, "compiled_decode", None) is not None for layer in inner.layers)
-    set_compiled_decode(inner, False)
-    with CountCollectives(model.comm) as counted:
+    with eager_decode(getattr(model, "inner", model)), CountCollectives(model.comm) as counted:
         mx.eval(model(tok[:, None], cache))
-    set_compiled_decode(inner, compiled)
     return counted.summary()
 
 

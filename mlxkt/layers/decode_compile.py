@@ -13,6 +13,7 @@ real-width slice, `mlxkt bench --variants eager`). Off on the CPU, where it gave
 load(compile=...)) overrides.
 """
 
+import contextlib
 import os
 
 import mlx.core as mx
@@ -71,3 +72,17 @@ def set_compiled_decode(model, on: bool = True) -> None:
     for layer in layers:
         if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "absorbed_queries"):
             layer.compiled_decode = CompiledDecode(layer) if on else None
+
+
+@contextlib.contextmanager
+def eager_decode(model):
+    """Compiled decode off inside the block, as it was after it: a compiled step replays its
+    trace, so Python-level hooks (counters, routing records) see nothing of it."""
+    layers = list(getattr(model, "layers", [])) + (list(model.mtp.layers) if "mtp" in model else [])
+    was = any(getattr(layer, "compiled_decode", None) is not None for layer in layers)
+    set_compiled_decode(model, False)
+    try:
+        yield
+    finally:
+        if was:
+            set_compiled_decode(model, True)
