@@ -9,6 +9,7 @@
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -30,24 +31,33 @@ def bench_fixture(model_dir: str, tokens: int, repeats: int) -> dict:
         raise SystemExit(f"{model_dir} has no MTP layer (mtp.safetensors)")
     prompt = mx.array(tok.encode(HELD_OUT))
 
-    def run(mtp, keep=False):
-        st, lps = SpecStats(), []
+    def run(mtp, keep=False, ahead=True):
+        """-> (tok/s over the whole call, tokens, stats or log-probs, decode tok/s: from the
+        first token to the last, so the prompt's prefill is left out)."""
+        st, lps, stamps = SpecStats(), [], []
+        os.environ["MLXKT_MTP_AHEAD"] = "1" if ahead else "0"
         t0 = time.perf_counter()
         out = []
         for t, lp, _ in generate_step(prompt, model, max_tokens=tokens, mtp=mtp, spec_stats=st):
+            stamps.append(time.perf_counter())
             out.append(t)
             if keep:
                 lps.append(lp)
-        seconds = time.perf_counter() - t0
-        return tokens / seconds, out, (st if not keep else lps)
+        seconds = stamps[-1] - t0
+        decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        return tokens / seconds, out, (st if not keep else lps), decode
 
     run(False), run(True)  # warm up (kernel compilation on GPUs)
-    plain, spec = [], []
-    for _ in range(repeats):  # interleaved so drift hits both alike
+    plain, spec, spec_sync = [], [], []
+    for _ in range(repeats):  # interleaved so drift hits all alike
         plain.append(run(False))
         spec.append(run(True))
+        spec_sync.append(run(True, ahead=False))
+    os.environ.pop("MLXKT_MTP_AHEAD")
     best_plain = max(r[0] for r in plain)
     best_spec = max(r[0] for r in spec)
+    dec_plain = max(r[3] for r in plain)
+    dec_spec = max(r[3] for r in spec)
     st = spec[-1][2]
     first = next((i for i, (a, b) in enumerate(zip(plain[-1][1], spec[-1][1])) if a != b), None)
     margin = None
@@ -58,10 +68,69 @@ def bench_fixture(model_dir: str, tokens: int, repeats: int) -> dict:
     return {
         "bench": "mtp-fixture", "model": model_dir, "device": str(mx.default_device()),
         "tokens": tokens, "plain_tok_s": best_plain, "mtp_tok_s": best_spec,
-        "speedup": best_spec / best_plain, "acceptance": st.acceptance,
+        "speedup": best_spec / best_plain, "plain_decode_tok_s": dec_plain,
+        "mtp_decode_tok_s": dec_spec, "decode_speedup": dec_spec / dec_plain,
+        "mtp_no_ahead_decode_tok_s": max(r[3] for r in spec_sync),
+        "no_ahead_decode_speedup": max(r[3] for r in spec_sync) / dec_plain,
+        "acceptance": st.acceptance,
         "mean_accepted_length": st.mean_accepted_length,
         "identical_greedy": plain[-1][1] == spec[-1][1], "first_difference": first,
-        "top2_logprob_margin_there": margin,
+        "top2_logprob_margin_there": margin, "parts_ms": cycle_parts(model, prompt),
+    }
+
+
+def cycle_parts(model, prompt, n: int = 30) -> dict:
+    """Where an MTP cycle's time goes: each piece evaluated on its own (synchronous, so
+    launch and sync costs that pipelining hides are included), caches trimmed back after
+    each call, and the host time to build a plain step's and a cycle's graph."""
+    from mlxkt.sampling import Sampling
+    from mlxkt.speculative import _Cycle
+
+    n_main = len(model.layers)
+    cache = model.make_cache()
+    main, mcache = cache[:n_main], cache[n_main:]
+    mtp = model.mtp.layers[0]
+    h = model.model(prompt[None], main)  # [1, P, D]
+    mx.eval(mtp(h[:, :-1], prompt[None, 1:], mcache[0]), [c.state for c in cache])
+    y2 = prompt[None, -2:]  # [1, 2]
+    h2 = h[:, -2:]
+
+    def timed(fn, trim):
+        def once():
+            mx.eval(fn())
+            for c, k in trim:
+                c.trim(k)
+        return 1e3 * _time(once, n)
+
+    def build(fn, trim):
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            out = fn()
+            ts.append(time.perf_counter() - t0)
+            mx.eval(out)
+            for c, k in trim:
+                c.trim(k)
+        return 1e3 * sorted(ts)[len(ts) // 2]
+
+    head = lambda x: model.lm_head(x)  # noqa: E731
+    step = lambda: head(model.model(y2[:, :1], main)).argmax(-1)  # noqa: E731
+    verify = lambda: head(model.model(y2, main)).argmax(-1)  # noqa: E731
+    layer = lambda: mtp(h2, y2, mcache[0])  # noqa: E731
+    d_logits, d_h = mtp(h2[:, -1:], y2[:, -1:], mcache[0])
+    mx.eval(d_logits, d_h)
+    mcache[0].trim(1)
+
+    def cycle(queue=True):
+        c = _Cycle(model, main, mcache, y2[0, -1], d_logits, d_h, 1, Sampling(), queue)
+        return c.accepted, c.tokens, c.m_logits, c.m_h
+
+    every = [(c, 1) for c in main]
+    both = [(c, 2) for c in cache]
+    return {
+        "step_1": timed(step, every), "verify_2": timed(verify, [(c, 2) for c in main]),
+        "mtp_layer_2": timed(layer, [(mcache[0], 2)]), "cycle": timed(cycle, both),
+        "build_step_1": build(step, every), "build_cycle": build(lambda: cycle(False), both),
     }
 
 
@@ -173,7 +242,12 @@ def table(r: dict) -> str:
             "| device | plain tok/s | MTP tok/s | speed-up | acceptance | tokens/forward | same greedy |",
             "| --- | --- | --- | --- | --- | --- | --- |",
             f"| {r['device']} | {r['plain_tok_s']:.1f} | {r['mtp_tok_s']:.1f} | {r['speedup']:.2f}x "
-            f"| {r['acceptance']:.1%} | {r['mean_accepted_length']:.2f} | {r['identical_greedy']} |"]
+            f"| {r['acceptance']:.1%} | {r['mean_accepted_length']:.2f} | {r['identical_greedy']} |",
+            f"decode only (prefill left out): plain {r['plain_decode_tok_s']:.1f} tok/s, MTP "
+            f"{r['mtp_decode_tok_s']:.1f} tok/s, {r['decode_speedup']:.2f}x; MTP without the next "
+            f"cycle queued ahead (MLXKT_MTP_AHEAD=0) {r['mtp_no_ahead_decode_tok_s']:.1f} tok/s, "
+            f"{r['no_ahead_decode_speedup']:.2f}x",
+            "pieces alone, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in r["parts_ms"].items())]
         if r["first_difference"] is not None:
             lines.append(f"first difference at token {r['first_difference']}: plain decoding's top-2 "
                          f"log-prob margin there {r['top2_logprob_margin_there']:.4f}")

@@ -53,9 +53,10 @@ def test_compiled_mtp_greedy_identical():
     assert spec == plain and st.cycles > 0
 
 
-def test_default_off_unless_asked(monkeypatch):
+def test_default_on_cuda_only_unless_asked(monkeypatch):
     monkeypatch.delenv("MLXKT_COMPILE", raising=False)
-    assert not compile_default()
+    on_cuda = mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
+    assert compile_default() == on_cuda
     monkeypatch.setenv("MLXKT_COMPILE", "0")
     assert not compile_default()
     monkeypatch.setenv("MLXKT_COMPILE", "1")

@@ -111,3 +111,19 @@ def test_local_nccl_ranks_get_what_mlx_launch_sets(monkeypatch, tmp_path):
     got = [json.loads((tmp_path / f"r{r}").read_text()) for r in range(2)]
     assert got == [launch.nccl_env(r, 2, 4321, "2,3") for r in range(2)]
     assert [g["CUDA_VISIBLE_DEVICES"] for g in got] == ["2", "3"]
+
+
+@pytest.mark.parametrize("caller,want", [(None, "0"), ("1", "1")])
+def test_nccl_ranks_default_to_no_cuda_graphs(monkeypatch, tmp_path, caller, want):
+    """Graphs off unless the caller says otherwise; a one-rank run keeps MLX's default."""
+    if caller is None:
+        monkeypatch.delenv("MLX_USE_CUDA_GRAPHS", raising=False)
+    else:
+        monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", caller)
+    code = ("import os, sys; open(sys.argv[1] + os.environ.get('MLX_RANK', 'x'), 'w')"
+            ".write(os.environ.get('MLX_USE_CUDA_GRAPHS', 'unset'))")
+    for ranks in (2, 1):
+        assert launch.run_local(ranks, [sys.executable, "-c", code, str(tmp_path / f"n{ranks}-")],
+                                {}, launch.free_port_run(1), "nccl") == 0
+    assert [(tmp_path / f"n2-{r}").read_text() for r in range(2)] == [want, want]
+    assert (tmp_path / "n1-x").read_text() == (caller or "unset")

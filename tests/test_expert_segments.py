@@ -50,7 +50,15 @@ def count_segment_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 64), (2, 32), (4, 128), (8, 32)])
+ON_CUDA = mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
+# MLX 0.32.4 CUDA: quantized_matmul and gather_qmm with group 128 over 128 inputs (one group
+# per row), float32, 16+ rows, return garbage (max error 2-5 against the dequantized weights,
+# measured on an H200); both paths of this test go through them.
+MLX_CUDA_G128 = pytest.mark.xfail(ON_CUDA, reason="MLX CUDA qmm, group 128 over 128 inputs")
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 64), (2, 32),
+                                             pytest.param(4, 128, marks=MLX_CUDA_G128), (8, 32)])
 def test_segments_equal_reference(bits, group_size):
     m = quantized_experts(bits, group_size)
     x = mx.random.normal((2, 150, D))  # [B, L, D] float32
@@ -58,7 +66,8 @@ def test_segments_equal_reference(bits, group_size):
     want = routed_experts_reference(x, inds, scores, *projs(m))
     got = segmented_experts(x, inds, scores, *projs(m))
     assert got.shape == want.shape and got.dtype == mx.float32
-    assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item()
+    err = mx.abs(got - want).max().item()
+    assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item(), f"max abs error {err:.3g}"
 
 
 def test_segments_equal_a_per_pair_loop():

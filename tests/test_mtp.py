@@ -8,7 +8,7 @@ import pytest
 
 from mlxkt.generate import generate_step
 from mlxkt.sampling import Sampling
-from mlxkt.speculative import SpecStats, _verify
+from mlxkt.speculative import SpecStats, _verify, queue_ahead
 from tiny_models import attach_random_mtp, deepseek_tiny
 
 PROMPT = mx.array([5, 17, 99, 42, 7, 250, 31, 8, 19])
@@ -19,12 +19,24 @@ def model():
     return attach_random_mtp(deepseek_tiny())
 
 
+@pytest.fixture(params=["1", "0"], ids=["ahead", "not-ahead"])
+def ahead(request, monkeypatch):
+    """Both cycle schedules: the next cycle queued before this one is read back, or not."""
+    monkeypatch.setenv("MLXKT_MTP_AHEAD", request.param)
+    assert queue_ahead() == (request.param == "1")
+
+
+def test_queue_ahead_default_on_cpu_only(monkeypatch):
+    monkeypatch.delenv("MLXKT_MTP_AHEAD", raising=False)
+    assert queue_ahead() == (mx.default_device() == mx.cpu)
+
+
 def plain_greedy(model, prompt, n):
     return [t for t, *_ in generate_step(prompt, model, max_tokens=n, mtp=False)]
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 2, 3])
-def test_greedy_identical_to_plain(model, draft_tokens):
+def test_greedy_identical_to_plain(model, ahead, draft_tokens):
     plain = plain_greedy(model, PROMPT, 24)
     st = SpecStats()
     spec = [t for t, *_ in generate_step(PROMPT, model, max_tokens=24, draft_tokens=draft_tokens,
@@ -58,7 +70,7 @@ class OracleMTP:
 
 
 @pytest.mark.parametrize("mode", ["right", "wrong", "mixed"])
-def test_oracle_drafts(model, mode):
+def test_oracle_drafts(model, ahead, mode):
     n = 20
     plain = plain_greedy(model, PROMPT, n + 4)
     seq = PROMPT.tolist() + plain
@@ -114,7 +126,7 @@ def test_speculative_sampling_matches_target(sampling):
     assert counts.sum() == pytest.approx(2.0)
 
 
-def test_caches_stay_in_step_and_reusable(model):
+def test_caches_stay_in_step_and_reusable(model, ahead):
     cache = model.make_cache()
     out = [t for t, *_ in generate_step(PROMPT, model, max_tokens=7, prompt_cache=cache)]
     offsets = {c.offset for c in cache}
@@ -165,7 +177,7 @@ def test_chat_session_with_mtp_matches_plain(model, tmp_path):
     assert second == [t for t, *_ in generate_step(prompt, model, max_tokens=8, mtp=False)]
 
 
-def test_closing_early_keeps_every_emitted_token_but_the_last(model):
+def test_closing_early_keeps_every_emitted_token_but_the_last(model, ahead):
     cache = model.make_cache()
     g = generate_step(PROMPT, model, max_tokens=20, prompt_cache=cache)
     got = [next(g)[0] for _ in range(7)]
