@@ -5,7 +5,8 @@
 # (up to several minutes on a fresh machine). A device call lasts at most 10 minutes, so
 # split the steps over calls on the same warm machine, e.g. `dist` (two GPUs), then `tests`,
 # then `bench mtp`. On a fresh machine the GPU tests alone need more than one call (420 s
-# covered 62 of them): run `tests` first, on its own, and the rest on the warm machine.
+# covered 62 of them; the never-completed kernel tests go first): run `tests` first, on its
+# own, and the rest on the warm machine.
 #   sh benchmarks/h100_session.sh [bench|kernels|router|mtp|tests|dist ...]
 OUT=${OUT:-h100-out}
 mkdir -p "$OUT"
@@ -29,8 +30,8 @@ for s in $STEPS; do
     mtp) step mtp 150 python3 benchmarks/mtp.py fixture --model .bench_data/tiny-bf16 \
         --tokens 200 --repeats 3 ;;
     tests) step tests "${TESTS_LIMIT:-540}" python3 -m pytest -q -p no:cacheprovider \
-        tests/test_router_kernel.py tests/test_decode_compile.py tests/test_expert_segments.py \
-        tests/test_distributed.py tests/test_kernels_gpu.py ;;
+        tests/test_kernels_gpu.py tests/test_distributed.py tests/test_router_kernel.py \
+        tests/test_decode_compile.py tests/test_expert_segments.py ;;
     dist) step dist "${DIST_LIMIT:-560}" python3 -W ignore benchmarks/distributed.py --backend nccl \
         --synthetic 8,32 --runs "${DIST_RUNS:-single:1,experts:2,experts:2:MLX_USE_CUDA_GRAPHS=1,experts:2:MLXKT_SPLIT_ATTENTION=0}" \
         --max-tokens 32 --repeats 2 --max-seconds "$(( ${DIST_LIMIT:-560} - 20 ))" --workdir /tmp/w8 \
