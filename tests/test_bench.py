@@ -64,6 +64,23 @@ def test_bench_runs_and_reports_ratios(tiny_dir, tmp_path):
     assert "mlxkt / mlx-lm" in table(saved)
 
 
+def test_breakdown_of_a_compiled_engine_times_its_modules(tiny_dir):
+    from mlxkt.bench.breakdown import breakdown
+    from mlxkt.layers.decode_compile import set_compiled_decode
+
+    e = measure.mlxkt_engine(tiny_dir, dtype=mx.float32)
+    set_compiled_decode(e.model)
+    cache = measure.fill_cache(e, 39)
+    for _ in range(2):  # prime: later 1-token steps replay the compiled trace
+        mx.eval(e.model(mx.array([[3]]), cache=cache))
+    b = breakdown(e, 40, reps=2)
+    share = {r["component"]: r["share"] for r in b["rows"]}
+    # replayed traces would leave the modules ~0 and most of the step unattributed
+    assert b["eager_modules"] and share["moe.switch_mlp"] > 0.05 and share["self_attn.o_proj"] > 0.02
+    assert share["unattributed (glue, residual adds)"] < 0.5
+    assert all(layer.compiled_decode is not None for layer in e.model.layers)  # restored
+
+
 def test_decode_cache_fill_sets_context(tiny_dir):
     e = measure.mlxkt_engine(tiny_dir)
     cache = measure.fill_cache(e, 100)

@@ -14,6 +14,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..layers.decode_compile import eager_decode
 from .measure import Engine, fill_cache
 
 ATTN = ["q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa",
@@ -104,7 +105,16 @@ def _time_stateful(fn, calls, caches, offsets, reps, sync):
 
 def breakdown(engine: Engine, context: int, reps: int = 10, tokens: int = 1) -> dict:
     """ms per forward of `tokens` tokens (1: a decode step; more: a prefill chunk) ending at
-    position `context`, for each component, summed over layers."""
+    position `context`, for each component, summed over layers. Compiled decode layers
+    replay traces that the module hooks cannot see, so they are timed eagerly
+    ("eager_modules": true)."""
+    compiled = any(getattr(layer, "compiled_decode", None) is not None
+                   for layer in getattr(engine.model, "layers", []))
+    with eager_decode(engine.model):
+        return dict(_breakdown(engine, context, reps, tokens), eager_modules=compiled)
+
+
+def _breakdown(engine: Engine, context: int, reps: int, tokens: int) -> dict:
     model = engine.model
     cache = fill_cache(engine, context - tokens)
     offsets = [c.offset for c in cache]

@@ -40,8 +40,9 @@ def table(result: dict) -> str:
         for b in res[n].get("breakdown", []):
             what = (f"one decode step @{b['context']}" if b.get("tokens", 1) == 1
                     else f"a {b['tokens']}-token prefill chunk ending @{b['context']}")
+            eager = ", compiled layers timed eagerly" if b.get("eager_modules") else ""
             lines += ["", f"{n}: {what} ({b['forward_ms']:.2f} ms isolated, "
-                      f"sync {b['sync_ms']:.3f} ms subtracted), per component summed over layers:"]
+                      f"sync {b['sync_ms']:.3f} ms subtracted{eager}), per component summed over layers:"]
             lines += [f"  {r['component']:40} {r['ms']:8.3f} ms {r['share']:6.1%}" for r in b["rows"]]
     return "\n".join(lines)
 
