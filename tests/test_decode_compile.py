@@ -109,10 +109,11 @@ def test_compiled_decode_with_kernels_on_gpu(monkeypatch):
 
 def test_eager_decode_block_restores_the_state():
     model = random_model(DEMO_CONFIG)
-    with eager_decode(model):  # off before: stays off
-        pass
+    with eager_decode(model) as was:  # off before: stays off
+        assert was is False
     assert all(layer.compiled_decode is None for layer in model.layers)
     set_compiled_decode(model)
-    with eager_decode(model):
+    with eager_decode(model) as was:
+        assert was is True
         assert all(layer.compiled_decode is None for layer in model.layers)
     assert all(layer.compiled_decode is not None for layer in model.layers)

@@ -108,9 +108,7 @@ def breakdown(engine: Engine, context: int, reps: int = 10, tokens: int = 1) -> 
     position `context`, for each component, summed over layers. Compiled decode layers
     replay traces that the module hooks cannot see, so they are timed eagerly
     ("eager_modules": true)."""
-    compiled = any(getattr(layer, "compiled_decode", None) is not None
-                   for layer in getattr(engine.model, "layers", []))
-    with eager_decode(engine.model):
+    with eager_decode(engine.model) as compiled:
         return dict(_breakdown(engine, context, reps, tokens), eager_modules=compiled)
 
 

@@ -77,12 +77,13 @@ def set_compiled_decode(model, on: bool = True) -> None:
 @contextlib.contextmanager
 def eager_decode(model):
     """Compiled decode off inside the block, as it was after it: a compiled step replays its
-    trace, so Python-level hooks (counters, routing records) see nothing of it."""
+    trace, so Python-level hooks (counters, routing records) see nothing of it. Yields
+    whether it was on."""
     layers = list(getattr(model, "layers", [])) + (list(model.mtp.layers) if "mtp" in model else [])
     was = any(getattr(layer, "compiled_decode", None) is not None for layer in layers)
     set_compiled_decode(model, False)
     try:
-        yield
+        yield was
     finally:
         if was:
             set_compiled_decode(model, True)
