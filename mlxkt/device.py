@@ -1,10 +1,22 @@
-"""Machine facts: memory, and the Apple-GPU wired limit."""
+"""Machine facts: memory, the Apple-GPU wired limit, and the on/off switches users set in the
+environment."""
 
 import contextlib
 import os
 import sys
 
 import mlx.core as mx
+
+OFF = ("0", "false", "off", "no")
+
+
+def env_switch(name: str):
+    """An on/off environment switch: None when unset, empty or "auto" (the caller's default),
+    False for 0/false/off/no, True for anything else."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    return value not in OFF
 
 
 def memory_bytes() -> int:

@@ -10,13 +10,13 @@ Caches: model.make_cache() lists the main layers' caches, then the MTP layers'. 
 pairs h_i with token t_{i+1}, so at every cycle boundary both hold the same positions.
 """
 
-import os
 from dataclasses import dataclass
 from typing import Generator, List
 
 import mlx.core as mx
 from mlx_lm.models.cache import trim_prompt_cache
 
+from .device import env_switch
 from .sampling import Sampling
 
 
@@ -103,10 +103,8 @@ def queue_ahead() -> bool:
     rejection throws away cost more GPU time than the wait saved: MTP decode 722 tok/s
     queued ahead, 810 without, same run. On this project's CPU queuing ahead won (146 vs
     131 tok/s, 96% acceptance)."""
-    value = os.environ.get("MLXKT_MTP_AHEAD", "").strip().lower()
-    if value in ("", "auto"):
-        return mx.default_device() == mx.cpu
-    return value not in ("0", "false", "off", "no")
+    forced = env_switch("MLXKT_MTP_AHEAD")
+    return mx.default_device() == mx.cpu if forced is None else forced
 
 
 def mtp_generate_step(

@@ -17,6 +17,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..device import env_switch
+
 EXPERT_SHARD_ENV = "MLXKT_EXPERT_SHARD"
 MOE_ATTRS = ("mlp", "block_sparse_moe")  # DeepSeek, Mixtral
 
@@ -258,10 +260,8 @@ def split_attention_default(backend: str) -> bool:
     """Split MLA heads across ranks: 1/0 from MLXKT_SPLIT_ATTENTION, else on over NCCL (GPUs
     of one host: a second all_sum per layer costs microseconds) and off elsewhere (over
     Thunderbolt each all_sum costs more than the attention it saves at short context)."""
-    value = os.environ.get(SPLIT_ATTENTION_ENV, "").strip().lower()
-    if value in ("", "auto"):
-        return backend == "nccl"
-    return value not in ("0", "false", "off", "no")
+    forced = env_switch(SPLIT_ATTENTION_ENV)
+    return backend == "nccl" if forced is None else forced
 
 
 class AllSumLinear(AllSum):

@@ -6,13 +6,13 @@ one warning per cause. Batches beyond decode size (prefill) take the reference s
 kernels are for 1 to a few tokens. MLXKT_KERNELS=0 forces the reference.
 """
 
-import os
 import warnings
 from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
 
+from ..device import env_switch
 from .moe import decode_sized, fused_max_pairs, fused_routed_experts, quant_params, unsupported
 from .reference import routed_experts_reference
 
@@ -24,7 +24,7 @@ class KernelFallbackWarning(RuntimeWarning):
 
 
 def kernels_enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_switch(ENV) is not False
 
 
 def gpu_backend() -> Optional[str]:

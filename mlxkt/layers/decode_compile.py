@@ -14,20 +14,20 @@ load(compile=...)) overrides.
 """
 
 import contextlib
-import os
 
 import mlx.core as mx
 
+from ..device import env_switch
 from .mla import ABSORB_MAX_L
 
 ENV = "MLXKT_COMPILE"
 
 
 def compile_default() -> bool:
-    value = os.environ.get(ENV, "").strip().lower()
-    if value in ("", "auto"):
+    forced = env_switch(ENV)
+    if forced is None:
         return mx.default_device().type == mx.gpu and mx.cuda.is_available()
-    return value not in ("0", "false", "off", "no")
+    return forced
 
 
 class CompiledDecode:
