@@ -117,3 +117,55 @@ KT_FN float kt_chunk_dot(float s, float b, float4 d, float4 xs) {
   }
   return r;
 }
+
+// WP (1, 2 or 4) consecutive words of a row, starting at word WP p, in one 4-, 8- or 16-byte
+// load (the words past WP are zero).
+template <int WP>
+KT_FN uint4 kt_load_words(const KT_GLOBAL uint32_t* row, int p) {
+  uint4 r;
+  if (WP == 4) {
+    r = *((const KT_GLOBAL uint4*)(row) + p);
+  } else if (WP == 2) {
+    const uint2 u = *((const KT_GLOBAL uint2*)(row) + p);
+    r.x = u.x;
+    r.y = u.y;
+    r.z = 0u;
+    r.w = 0u;
+  } else {
+    r.x = row[p];
+    r.y = 0u;
+    r.z = 0u;
+    r.w = 0u;
+  }
+  return r;
+}
+
+// A float16 from its bits, without intrinsics: the exponent and mantissa shifted into
+// float32's, then scaled by 2^112 (exact for normal and subnormal values; inf/NaN not kept).
+KT_FN float kt_f16_bits(uint32_t h) {
+  const float f = KT_AS_FLOAT((h & 0x7fffu) << 13) * 5.192296858534828e33f;
+  return (h & 0x8000u) ? -f : f;
+}
+
+// TK 1: float16 bits, TK 2: bfloat16 bits.
+template <int TK>
+KT_FN float kt_half_bits(uint32_t h) {
+  return TK == 2 ? KT_AS_FLOAT(h << 16) : kt_f16_bits(h);
+}
+
+// Four consecutive values of x as float: TK 0 float32 (one 16-byte load), 1 float16 or
+// 2 bfloat16 (one 8-byte load).
+template <int TK, typename T>
+KT_FN float4 kt_load4(const KT_GLOBAL T* p) {
+  float4 r;
+  if (TK == 0) {
+    r = *((const KT_GLOBAL float4*)(p));
+  } else {
+    const uint2 u = *((const KT_GLOBAL uint2*)(p));
+    r.x = kt_half_bits<TK>(u.x & 0xffffu);
+    r.y = kt_half_bits<TK>(u.x >> 16);
+    r.z = kt_half_bits<TK>(u.y & 0xffffu);
+    r.w = kt_half_bits<TK>(u.y >> 16);
+  }
+  return r;
+}

@@ -10,6 +10,9 @@
 struct uint4 {
   uint32_t x, y, z, w;
 };
+struct uint2 {
+  uint32_t x, y;
+};
 struct float4 {
   float x, y, z, w;
 };

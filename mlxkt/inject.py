@@ -1,9 +1,12 @@
 """`mlxkt.optimize(model)`: swap mlxkt's kernel modules into a model, mlx-lm's included.
 
 A small declarative rule table, in the spirit of KTransformers' injection rules: each rule
-names a module path pattern and a module class; every matching module is replaced by a
-KernelMoE that keeps its parameters (same names, same arrays) and runs the routed experts
-through mlxkt.kernels (fused gate/up/SwiGLU, then fused down + router weights + sum).
+names a module path pattern, a module class and the kind of replacement. MoE blocks become a
+KernelMoE that keeps their parameters (same names, same arrays) and runs the routed experts
+through mlxkt.kernels (fused gate/up/SwiGLU, then fused down + router weights + sum); 4-bit
+(2/8-bit) linear layers become a KernelQuantizedLinear, whose 1-to-8-token calls run the
+dense GEMV kernel (attention projections, shared experts, lm_head; on CUDA by default,
+MLXKT_GEMV=0/1 to choose).
 
     from mlx_lm import load
     import mlxkt
@@ -12,18 +15,21 @@ through mlxkt.kernels (fused gate/up/SwiGLU, then fused down + router weights + 
 """
 
 import re
-from typing import Callable, Dict, NamedTuple
+from typing import Callable, Dict, NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .kernels.dispatch import gemv_enabled, kernel_backend
+from .kernels.qgemv import quant_params
 from .layers.experts import RoutedExperts
+from .layers.qlinear import KernelQuantizedLinear
 
 
 class Rule(NamedTuple):
     path: str  # regular expression searched in the module's dotted path
     cls: str  # the module's class, "module.QualName"
-    router: str  # how the block routes tokens: a key of ROUTERS
+    kind: str  # "linear", or a MoE block's routing: a key of ROUTERS
 
 
 RULES = (
@@ -33,6 +39,7 @@ RULES = (
     Rule(r"\.mlp$", "mlx_lm.models.deepseek.DeepseekMoE", "deepseek"),
     Rule(r"\.block_sparse_moe$", "mlx_lm.models.mixtral.MixtralSparseMoeBlock", "mixtral"),
 )
+LINEAR_RULES = (Rule(r"", "mlx.nn.layers.quantized.QuantizedLinear", "linear"),)
 
 
 def deepseek_route(block, x):
@@ -83,7 +90,9 @@ def _class_name(module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
-def _replaceable(module) -> bool:
+def _replaceable(module, kind: str) -> bool:
+    if kind == "linear":
+        return quant_params(module) is not None
     sw = module.get("switch_mlp") if isinstance(module, dict) else None
     if sw is None or not all(k in sw for k in ("gate_proj", "up_proj", "down_proj")):
         return False
@@ -94,15 +103,8 @@ def _replaceable(module) -> bool:
     return getattr(module, "sharding_group", None) is None
 
 
-def optimize(model: nn.Module, rules=RULES, verbose: bool = False) -> nn.Module:
-    """Replace every module matched by `rules` with its kernel version, in place; returns model."""
-    swaps = []
-    for path, module in model.named_modules():
-        for rule in rules:
-            if (_class_name(module) == rule.cls and re.search(rule.path, "." + path)
-                    and _replaceable(module)):
-                swaps.append((path, KernelMoE(module, rule.router)))
-                break
+def _swap(model: nn.Module, swaps) -> None:
+    """Put each (dotted path, module) in place of the module at that path."""
     for path, new in swaps:
         parent_path, _, name = path.rpartition(".")
         parent = model
@@ -112,6 +114,41 @@ def optimize(model: nn.Module, rules=RULES, verbose: bool = False) -> nn.Module:
             parent[int(name)] = new
         else:
             setattr(parent, name, new)
+
+
+def plain_linears(model: nn.Module) -> int:
+    """Undo optimize's linear swaps (nn.QuantizedLinear again, same arrays): for A/B runs."""
+    swaps = []
+    for path, m in model.named_modules():
+        if isinstance(m, KernelQuantizedLinear):
+            plain = nn.QuantizedLinear(m.group_size, 1, bias=False, group_size=m.group_size,
+                                       bits=m.bits, **({"mode": m.mode} if hasattr(m, "mode") else {}))
+            for name, value in m.items():
+                setattr(plain, name, value)
+            plain.freeze()
+            swaps.append((path, plain))
+    _swap(model, swaps)
+    return len(swaps)
+
+
+def optimize(model: nn.Module, rules=RULES, verbose: bool = False,
+             linears: Optional[bool] = None) -> nn.Module:
+    """Replace every module matched by `rules` with its kernel version, in place; returns model.
+    linears (default: kernels.dispatch.gemv_enabled, on CUDA) adds LINEAR_RULES, the dense
+    GEMV kernel."""
+    if gemv_enabled(kernel_backend()) if linears is None else linears:
+        rules = tuple(rules) + LINEAR_RULES
+    swaps = []
+    for path, module in model.named_modules():
+        for rule in rules:
+            if (_class_name(module) == rule.cls and re.search(rule.path, "." + path)
+                    and _replaceable(module, rule.kind)):
+                swaps.append((path, KernelQuantizedLinear.wrap(module) if rule.kind == "linear"
+                              else KernelMoE(module, rule.kind)))
+                break
+    _swap(model, swaps)
     if verbose:
-        print(f"[mlxkt] optimize: {len(swaps)} MoE blocks now use mlxkt kernels")
+        n = sum(isinstance(m, KernelMoE) for _, m in swaps)
+        print(f"[mlxkt] optimize: {n} MoE blocks and {len(swaps) - n} linear layers now use "
+              "mlxkt kernels")
     return model

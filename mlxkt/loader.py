@@ -10,6 +10,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model
 from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
+from .kernels.dispatch import gemv_enabled, kernel_backend
 from .layers.decode_compile import compile_default, set_compiled_decode
 from .loader_utils import cast_floats
 from .models import get_model_classes
@@ -78,6 +79,10 @@ def load(
         cast_floats(model, dtype, model.cast_predicate if hasattr(model, "cast_predicate") else None)
     if mtp:
         load_mtp(model, path, dtype)
+    if gemv_enabled(kernel_backend()):  # dense linears through the GEMV kernel (CUDA)
+        from .inject import optimize
+
+        optimize(model, rules=(), linears=True)
     if compile_default() if compile is None else compile:
         set_compiled_decode(model)
     if not lazy:

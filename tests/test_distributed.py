@@ -144,7 +144,9 @@ def test_attention_head_shards_add_up_to_the_whole_attention(family, quantized, 
         want = full.model.layers[0].self_attn(x, mask=None if L == 1 else _causal(L))
         got = sum(p.model.layers[0].self_attn(x, mask=None if L == 1 else _causal(L)) for p in parts)
         assert got.shape == want.shape
-        assert mx.abs(got - want).max().item() < 1e-4 * (1 + mx.abs(want).max().item())
+        # MLX's CUDA float32 matmuls round inputs to TF32 (10-bit mantissa): ~1e-3 there.
+        tol = 1e-4 if mx.default_device() == mx.cpu else 2e-3
+        assert mx.abs(got - want).max().item() < tol * (1 + mx.abs(want).max().item())
 
 
 def _causal(L):
@@ -170,6 +172,9 @@ def test_shared_experts_split_or_kept_on_rank_0():
     model = tiny("deepseek_v3", True)
     block = next(shard.moe_blocks(model))[2]
     hidden = block.shared_experts.gate_proj.weight.shape[0]
+    if shard.mlx_cuda_one_group_bug():  # 128 hidden units / 2 ranks = one group of 64 each
+        assert shard.split_shared_experts(block, 1, 2) == "rank 0"
+        return
     assert shard.split_shared_experts(block, 1, 2) == "split"
     assert block.shared_experts.gate_proj.weight.shape[0] == hidden // 2
     odd = next(shard.moe_blocks(tiny("deepseek_v3", True)))[2]

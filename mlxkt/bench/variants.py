@@ -13,6 +13,8 @@ files; what pays off moves into the engine.
                  matmul per expert, layers/expert_segments.py; moved in from the former
                  moe-segments variant) turned off for this engine, i.e. gather_qmm as
                  before: the before/after of that change in one run.
+- gemv / no-gemv: the dense quantized linear layers through mlxkt's GEMV kernel
+                 (kernels/qgemv.py; the default on CUDA), or back on MLX's quantized matmul.
 """
 
 from functools import partial
@@ -66,12 +68,26 @@ def _one_stream(engine: Engine):
             attn.attend = attn.attend_heads
 
 
+def _gemv(engine: Engine):
+    from ..inject import optimize
+
+    optimize(engine.model, rules=(), linears=True)
+
+
+def _no_gemv(engine: Engine):
+    from ..inject import plain_linears
+
+    plain_linears(engine.model)
+
+
 VARIANTS = {
     "compiled": lambda e: set_compiled_decode(e.model, True),
     "eager": lambda e: set_compiled_decode(e.model, False),
     "one-stream": _one_stream,
     "mla-gemm": _gemm_attention,
     "no-segments": _no_segments,
+    "gemv": _gemv,
+    "no-gemv": _no_gemv,
 }
 
 

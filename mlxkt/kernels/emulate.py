@@ -20,7 +20,8 @@ from . import sources
 
 C_TYPES = {mx.float32: "float", mx.float16: "float", mx.bfloat16: "float",
            mx.int32: "int32_t", mx.uint32: "uint32_t"}
-NP_TYPES = {"float": np.float32, "int32_t": np.int32, "uint32_t": np.uint32}
+NP_TYPES = {"float": np.float32, "int32_t": np.int32, "uint32_t": np.uint32,
+            "uint16_t": np.uint16}
 
 # One std::thread per GPU thread of a block; the threads walk the blocks together, with a
 # barrier between blocks (every kernel barrier comes before any early return).
@@ -98,10 +99,15 @@ class EmulatedKernel:
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
                  **unused):
         in_types = [C_TYPES[a.dtype] for a in inputs]
+        # A kernel that unpacks 16-bit floats itself (template TK > 0) gets x's raw bits.
+        raw = dict(template).get("TK", 0) > 0
+        in_types = ["uint16_t" if raw and n == "x" and a.dtype in (mx.float16, mx.bfloat16) else t
+                    for n, a, t in zip(self.spec.inputs, inputs, in_types)]
         out_types = [C_TYPES[d] for d in output_dtypes]
         lib = _compile(self._code(in_types, out_types, template))
-        ins = [np.ascontiguousarray(np.array(a.astype(mx.float32) if t == "float" else a),
-                                    dtype=NP_TYPES[t]) for a, t in zip(inputs, in_types)]
+        ins = [np.ascontiguousarray(np.array(
+            a.astype(mx.float32) if t == "float" else a.view(mx.uint16) if t == "uint16_t" else a),
+            dtype=NP_TYPES[t]) for a, t in zip(inputs, in_types)]
         # Poison the outputs so that unwritten elements show.
         outs = [np.full(s, np.nan if t == "float" else -7, dtype=NP_TYPES[t])
                 for s, t in zip(output_shapes, out_types)]

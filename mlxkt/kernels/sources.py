@@ -41,6 +41,13 @@ DOWN = KernelSpec(
     outputs=("y",),
 )
 
+QGEMV = KernelSpec(
+    name="mlxkt_qgemv",
+    body="qgemv.inc",
+    inputs=("x", "w", "scales", "biases"),
+    outputs=("y",),
+)
+
 
 def header(backend: str) -> str:
     return read_source(HEADERS[backend]) + "\n" + read_source("kt_common.h")

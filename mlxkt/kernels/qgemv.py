@@ -1,0 +1,133 @@
+"""Dense quantized linear layers at decode sizes (1 to 8 tokens): one kernel per call.
+
+On an H200 (MLX 0.32.4 CUDA) MLX's own quantized matrix-vector kernel (`qmv`) read the
+attention projections, shared experts and lm_head of the DeepSeek-V3 bench slice at 23% of
+copy bandwidth: 1.9 of 3.3 ms per decode token (benchmarks/gpu_profile.py). This kernel
+(metal/qgemv.inc) splits each row's chunks over the warps of a block so that every shape
+keeps enough loads in flight. The reference is `mx.quantized_matmul`.
+"""
+
+import math
+from functools import lru_cache
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import sources
+from .moe import FLOAT_TYPES, MAX_TOKENS, kernel_fn
+
+TYPE_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}  # the kernel's TK
+
+
+def quant_params(layer):
+    """(bits, group_size) of an nn.QuantizedLinear the kernel can read, else None."""
+    if not isinstance(layer, nn.QuantizedLinear) or getattr(layer, "mode", "affine") != "affine":
+        return None
+    if layer.get("biases") is None or layer.weight.dtype != mx.uint32:
+        return None
+    bits, gs = layer.bits, layer.group_size
+    if bits not in (2, 4, 8) or gs not in (32, 64, 128):
+        return None
+    if layer.scales.dtype not in FLOAT_TYPES or layer.weight.ndim != 2:
+        return None
+    return bits, gs
+
+
+def unsupported(layer, x) -> str:
+    """Why the kernel cannot compute layer(x) ("" when it can)."""
+    q = quant_params(layer)
+    if q is None:
+        return "weights are not affine-quantized (2/4/8 bits, group 32/64/128)"
+    if x.dtype not in FLOAT_TYPES:
+        return f"activations of type {x.dtype}"
+    return ""
+
+
+def decode_sized(x) -> bool:
+    return x.size // x.shape[-1] <= MAX_TOKENS
+
+
+def launch_config(O, D, bits, gs, tokens=1, nw=None, rpw=None, wp=None, sa=None) -> dict:
+    """Warps per block (they split each row's pieces), rows per block, words per piece (one
+    load of 4, 8 or 16 bytes), pieces per thread per load stage. Defaults: the H200's
+    fastest of benchmarks/gemv.py (see metal/README.md)."""
+    vpw = 32 // bits
+    wp = wp or max(w for w in (1, 2, 4) if vpw * w <= gs)
+    if gs % (vpw * wp) or D % (vpw * wp):
+        raise ValueError(f"{wp} words per piece do not tile groups of {gs} and rows of {D}")
+    pieces = D // (vpw * wp)
+    nw = nw or max(1, min(8, round(pieces / 64)))
+    rpw = rpw or min(8, nw * 32 // tokens)
+    if rpw * tokens > nw * 32:
+        raise ValueError("rows per block x tokens must not exceed the block's threads")
+    ppt = math.ceil(pieces / (nw * 32))
+    return {"nw": nw, "rpw": rpw, "wp": wp, "sa": min(sa or 1, ppt)}
+
+
+@lru_cache(maxsize=256)
+def launch(O, D, N, bits, gs, dtype, scale_dtype, config=()):
+    cfg = launch_config(O, D, bits, gs, N, **dict(config))
+    nw, rpw = cfg["nw"], cfg["rpw"]
+    tk = TYPE_KIND[dtype]
+    return dict(
+        template=[("O", O), ("D", D), ("BITS", bits), ("GS", gs), ("NT", N), ("NW", nw),
+                  ("RPW", rpw), ("WP", cfg["wp"]), ("SA", cfg["sa"]), ("TK", tk),
+                  ("T", dtype), ("ST", scale_dtype)],
+        grid=(math.ceil(O / rpw) * nw * 32, 1, 1),
+        threadgroup=(nw * 32, 1, 1),
+        output_shapes=[(N, O)],
+        output_dtypes=[dtype],
+    )
+
+
+def quantized_gemv(x, layer, backend, **config):
+    """layer(x) for an nn.QuantizedLinear and x [..., D] with at most 8 rows, by the kernel."""
+    # x: [..., D] -> [..., O]
+    bits, gs = quant_params(layer)
+    lead, D = x.shape[:-1], x.shape[-1]
+    O = layer.weight.shape[0]
+    x2 = x.reshape(-1, D)
+    kw = launch(O, D, x2.shape[0], bits, gs, x.dtype, layer.scales.dtype,
+                tuple(sorted(config.items())))
+    (y,) = kernel_fn(backend, sources.QGEMV)(
+        inputs=[x2, layer.weight, layer.scales, layer.biases], **kw)
+    y = y.reshape(*lead, O)
+    if "bias" in layer:
+        y = y + layer.bias
+    return y
+
+
+def reference(x, layer):
+    """layer(x) in plain MLX ops (what nn.QuantizedLinear computes)."""
+    return nn.QuantizedLinear.__call__(layer, x)
+
+
+def random_linear(O, D, bits=4, group_size=64, dtype=mx.float32, seed=0):
+    """An nn.QuantizedLinear with random packed words and realistic scales/biases."""
+    from .probe import random_switch_linear
+
+    sw = random_switch_linear(1, O, D, bits, group_size, dtype, mx.random.key(seed))
+    layer = nn.QuantizedLinear(group_size, 1, bias=False, group_size=group_size, bits=bits)
+    layer.weight, layer.scales, layer.biases = sw.weight[0], sw.scales[0], sw.biases[0]
+    return layer
+
+
+def probe(backend, signature) -> float:
+    """Relative error of the kernel against the float32 reference on random data."""
+    from .probe import relative_error
+
+    O, D, N, bits, gs, dtype, scale_dtype = signature
+    layer = random_linear(O, D, bits, gs, scale_dtype)
+    x = mx.random.normal((N, D), key=mx.random.key(1)).astype(dtype)
+    y = quantized_gemv(x, layer, backend)
+    ref = reference(x.astype(mx.float32), _float32_copy(layer))
+    mx.eval(y, ref)
+    return relative_error(y, ref)
+
+
+def _float32_copy(layer):
+    copy = nn.QuantizedLinear(layer.group_size, 1, bias=False, group_size=layer.group_size, bits=layer.bits)
+    copy.weight = layer.weight
+    copy.scales = layer.scales.astype(mx.float32)
+    copy.biases = layer.biases.astype(mx.float32)
+    return copy
