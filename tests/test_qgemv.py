@@ -55,6 +55,12 @@ def test_emulated_kernel_unpacks_16_bit_inputs(dtype):
     assert err <= 1.5 * relative_error(qgemv.reference(x, layer), float32_reference(x, layer))
 
 
+@emulated
+def test_selftest_rows_on_the_emulation():
+    rows = qgemv.selftest("cpu", echo=lambda *a: None, tokens=(1, 2), shapes={"small": (40, 512)})
+    assert [(r["tokens"], r["status"]) for r in rows] == [(1, "pass"), (2, "pass")]
+
+
 def test_launch_config_limits():
     assert qgemv.launch_config(7168, 16384, 4, 64) == {"nw": 8, "rpw": 8, "wp": 4, "sa": 1}
     assert qgemv.launch_config(7168, 2048, 4, 64, tokens=8)["rpw"] == 4  # 8 x 4 <= 32 threads

@@ -131,3 +131,37 @@ def _float32_copy(layer):
     copy.scales = layer.scales.astype(mx.float32)
     copy.biases = layer.biases.astype(mx.float32)
     return copy
+
+
+SELFTEST_SHAPES = {"deepseek-v3 o_proj": (7168, 16384), "deepseek-v3 q_a_proj": (1536, 7168),
+                   "mixtral q_proj": (4096, 4096)}
+
+
+def selftest(backend: str, echo=print, tokens=(1, 2), shapes=None):
+    """The GEMV kernel against MLX's quantized matmul, 4-bit group 64, bf16 (for `mlxkt
+    selftest`): error against the float32 reference and eval-only µs of both."""
+    from .dispatch import probe_tolerance
+    from .probe import relative_error
+    from .selftest import median_time  # selftest imports this module
+
+    rows = []
+    echo(f"{'gemv':22} {'tok':>3} {'status':>6} {'rel err':>9} {'kernel us':>9} {'mlx us':>9}")
+    for name, (O, D) in (shapes or SELFTEST_SHAPES).items():
+        layers = [random_linear(O, D, 4, 64, mx.bfloat16, seed=s) for s in range(4)]
+        for n in tokens:
+            row = {"kernel": "gemv", "shape": name, "tokens": n}
+            try:
+                x = mx.random.normal((n, D)).astype(mx.bfloat16)
+                err = relative_error(quantized_gemv(x, layers[0], backend),
+                                     reference(x.astype(mx.float32), _float32_copy(layers[0])))
+                ins = [(m,) for m in layers]
+                k_s = median_time(lambda m: quantized_gemv(x, m, backend), ins, prebuilt=True)
+                r_s = median_time(lambda m: reference(x, m), ins, prebuilt=True)
+                row.update(status="pass" if err < probe_tolerance(mx.bfloat16) else "FAIL",
+                           error=err, kernel_us=k_s * 1e6, reference_us=r_s * 1e6)
+                echo(f"{name:22} {n:>3} {row['status']:>6} {err:9.2e} {k_s * 1e6:9.1f} {r_s * 1e6:9.1f}")
+            except Exception as e:  # a build or launch failure: report it, go on
+                row.update(status="FAIL", why=f"{type(e).__name__}: {e}")
+                echo(f"{name:22} {n:>3}   FAIL  {row['why']}")
+            rows.append(row)
+    return rows
