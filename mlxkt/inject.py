@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .kernels.dispatch import gemv_enabled, kernel_backend
-from .kernels.qgemv import quant_params
+from .kernels.qgemv import linear_like, quant_params
 from .layers.experts import RoutedExperts
 from .layers.qlinear import KernelQuantizedLinear
 
@@ -121,12 +121,7 @@ def plain_linears(model: nn.Module) -> int:
     swaps = []
     for path, m in model.named_modules():
         if isinstance(m, KernelQuantizedLinear):
-            plain = nn.QuantizedLinear(m.group_size, 1, bias=False, group_size=m.group_size,
-                                       bits=m.bits, **({"mode": m.mode} if hasattr(m, "mode") else {}))
-            for name, value in m.items():
-                setattr(plain, name, value)
-            plain.freeze()
-            swaps.append((path, plain))
+            swaps.append((path, linear_like(m)))
     _swap(model, swaps)
     return len(swaps)
 

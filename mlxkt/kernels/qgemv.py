@@ -102,6 +102,17 @@ def reference(x, layer):
     return nn.QuantizedLinear.__call__(layer, x)
 
 
+def linear_like(layer, cls=nn.QuantizedLinear, **arrays):
+    """A `cls` (an nn.QuantizedLinear class) with layer's quantization and arrays; `arrays`
+    replaces some of them. No new weights are made: the shell is built 1 x group_size."""
+    kw = {"mode": layer.mode} if hasattr(layer, "mode") else {}
+    new = cls(layer.group_size, 1, bias=False, group_size=layer.group_size, bits=layer.bits, **kw)
+    for name, value in {**dict(layer.items()), **arrays}.items():  # weight, scales, biases, bias
+        setattr(new, name, value)
+    new.freeze()
+    return new
+
+
 def random_linear(O, D, bits=4, group_size=64, dtype=mx.float32, seed=0):
     """An nn.QuantizedLinear with random packed words and realistic scales/biases."""
     from .probe import random_switch_linear
@@ -126,11 +137,8 @@ def probe(backend, signature) -> float:
 
 
 def _float32_copy(layer):
-    copy = nn.QuantizedLinear(layer.group_size, 1, bias=False, group_size=layer.group_size, bits=layer.bits)
-    copy.weight = layer.weight
-    copy.scales = layer.scales.astype(mx.float32)
-    copy.biases = layer.biases.astype(mx.float32)
-    return copy
+    return linear_like(layer, scales=layer.scales.astype(mx.float32),
+                       biases=layer.biases.astype(mx.float32))
 
 
 SELFTEST_SHAPES = {"deepseek-v3 o_proj": (7168, 16384), "deepseek-v3 q_a_proj": (1536, 7168),

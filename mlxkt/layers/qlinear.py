@@ -7,17 +7,13 @@ MLXKT_KERNELS=0 keep MLX's quantized matmul (mlxkt.kernels.dispatch.quantized_li
 import mlx.nn as nn
 
 from ..kernels.dispatch import quantized_linear
+from ..kernels.qgemv import linear_like
 
 
 class KernelQuantizedLinear(nn.QuantizedLinear):
     @classmethod
     def wrap(cls, layer: nn.QuantizedLinear) -> "KernelQuantizedLinear":
-        kw = {"mode": layer.mode} if hasattr(layer, "mode") else {}
-        new = cls(layer.group_size, 1, bias=False, group_size=layer.group_size, bits=layer.bits, **kw)
-        for name, value in layer.items():  # weight, scales, biases, bias
-            setattr(new, name, value)
-        new.freeze()
-        return new
+        return linear_like(layer, cls)
 
     def __call__(self, x):
         # x: [..., in] -> [..., out]
