@@ -24,6 +24,7 @@ from .kernels.dispatch import gemv_enabled, kernel_backend
 from .kernels.qgemv import linear_like, quant_params
 from .layers.experts import RoutedExperts
 from .layers.qlinear import KernelQuantizedLinear
+from .loader_utils import swap_modules
 
 
 class Rule(NamedTuple):
@@ -103,26 +104,13 @@ def _replaceable(module, kind: str) -> bool:
     return getattr(module, "sharding_group", None) is None
 
 
-def _swap(model: nn.Module, swaps) -> None:
-    """Put each (dotted path, module) in place of the module at that path."""
-    for path, new in swaps:
-        parent_path, _, name = path.rpartition(".")
-        parent = model
-        for part in parent_path.split(".") if parent_path else []:
-            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-        if isinstance(parent, list):
-            parent[int(name)] = new
-        else:
-            setattr(parent, name, new)
-
-
 def plain_linears(model: nn.Module) -> int:
     """Undo optimize's linear swaps (nn.QuantizedLinear again, same arrays): for A/B runs."""
     swaps = []
     for path, m in model.named_modules():
         if isinstance(m, KernelQuantizedLinear):
             swaps.append((path, linear_like(m)))
-    _swap(model, swaps)
+    swap_modules(model, swaps)
     return len(swaps)
 
 
@@ -141,7 +129,7 @@ def optimize(model: nn.Module, rules=RULES, verbose: bool = False,
                 swaps.append((path, KernelQuantizedLinear.wrap(module) if rule.kind == "linear"
                               else KernelMoE(module, rule.kind)))
                 break
-    _swap(model, swaps)
+    swap_modules(model, swaps)
     if verbose:
         n = sum(isinstance(m, KernelMoE) for _, m in swaps)
         print(f"[mlxkt] optimize: {n} MoE blocks and {len(swaps) - n} linear layers now use "

@@ -12,7 +12,7 @@ from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
 from .kernels.dispatch import gemv_enabled, kernel_backend
 from .layers.decode_compile import compile_default, set_compiled_decode
-from .loader_utils import cast_floats
+from .loader_utils import cast_floats, dense_one_group_layers, mlx_cuda_one_group_bug
 from .models import get_model_classes
 from .mtp import load_mtp
 from .safetensors_header import tensor_names
@@ -79,17 +79,24 @@ def load(
         cast_floats(model, dtype, model.cast_predicate if hasattr(model, "cast_predicate") else None)
     if mtp:
         load_mtp(model, path, dtype)
+    device_passes(model, compile)
+    if not lazy:
+        mx.eval(model.parameters())
+    eos = config.get("eos_token_id")
+    tokenizer = load_tokenizer(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    return model, tokenizer
+
+
+def device_passes(model: nn.Module, compile: Optional[bool] = None) -> None:
+    """Module swaps for the device, once the model's weights are in place (both loaders)."""
+    if mlx_cuda_one_group_bug():  # MLX CUDA qmm is wrong or missing for one-group rows
+        dense_one_group_layers(model)
     if gemv_enabled(kernel_backend()):  # dense linears through the GEMV kernel (CUDA)
         from .inject import optimize
 
         optimize(model, rules=(), linears=True)
     if compile_default() if compile is None else compile:
         set_compiled_decode(model)
-    if not lazy:
-        mx.eval(model.parameters())
-    eos = config.get("eos_token_id")
-    tokenizer = load_tokenizer(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
-    return model, tokenizer
 
 
 def make_cache(model: nn.Module) -> list:

@@ -1,4 +1,5 @@
-"""Attention heads spread over CPU streams (layers/cpu_heads.py) give the one-stream result."""
+"""MLA attention variants give the plain result: heads spread over CPU streams
+(layers/cpu_heads.py), and 2-16 query rows as explicit matmul + softmax (the CUDA default)."""
 
 import mlx.core as mx
 import pytest
@@ -29,6 +30,7 @@ def inputs(attn, L, per_head_kv):
     return q, q_pe, k, v, k_pe, mask
 
 
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU streams: only on the CPU device")
 @pytest.mark.parametrize("L,per_head_kv", [(1, False), (2, False), (20, True)])
 @pytest.mark.parametrize("streams", ["2", "3"])
 def test_split_heads_equal_one_stream(attn, monkeypatch, L, per_head_kv, streams):
@@ -63,3 +65,14 @@ def test_model_decode_over_a_long_cache_is_unchanged(monkeypatch):
         return mx.concatenate([model(mx.array([[t]]), cache=cache) for t in (3, 9, 4)], axis=1)
 
     assert mx.allclose(logits("2"), logits("1"), atol=1e-5, rtol=1e-5).item()
+
+
+@pytest.mark.parametrize("L", [1, 2, 5, 16])
+def test_explicit_small_l_attention_equals_fused(attn, monkeypatch, L):
+    args = inputs(attn, L, per_head_kv=False)
+    monkeypatch.setenv("MLXKT_EXPLICIT_ATTENTION", "0")
+    want = attn.attend_heads(*args)
+    monkeypatch.setenv("MLXKT_EXPLICIT_ATTENTION", "1")
+    got = attn.attend_heads(*args)
+    assert got.shape == want.shape
+    assert mx.allclose(got, want, atol=1e-5, rtol=1e-5).item()

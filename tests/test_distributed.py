@@ -15,6 +15,7 @@ from mlxkt.demo import DEMO_CONFIG
 from mlxkt.distributed import cli, plan, shard
 from mlxkt.distributed.load import read_rows
 from mlxkt.distributed.runtime import FollowerCaches
+from mlxkt.loader_utils import mlx_cuda_one_group_bug
 from tiny_models import MIXTRAL_CONFIG, random_model
 
 V2_CONFIG = dict(DEMO_CONFIG, model_type="deepseek_v2", q_lora_rank=None, n_shared_experts=2,
@@ -172,7 +173,7 @@ def test_shared_experts_split_or_kept_on_rank_0():
     model = tiny("deepseek_v3", True)
     block = next(shard.moe_blocks(model))[2]
     hidden = block.shared_experts.gate_proj.weight.shape[0]
-    if shard.mlx_cuda_one_group_bug():  # 128 hidden units / 2 ranks = one group of 64 each
+    if mlx_cuda_one_group_bug():  # 128 hidden units / 2 ranks = one group of 64 each
         assert shard.split_shared_experts(block, 1, 2) == "rank 0"
         return
     assert shard.split_shared_experts(block, 1, 2) == "split"

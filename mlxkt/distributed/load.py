@@ -16,8 +16,7 @@ import numpy as np
 from mlx.utils import tree_reduce
 from mlx_lm.utils import load_model
 
-from ..layers.decode_compile import compile_default, set_compiled_decode
-from ..loader import check_converted, default_dtype, load_config, load_tokenizer
+from ..loader import check_converted, default_dtype, device_passes, load_config, load_tokenizer
 from ..loader_utils import cast_floats
 from ..models import get_model_classes
 from . import plan, shard
@@ -120,8 +119,7 @@ def load_rank(model_path, mode: str, comm, layer_counts: Optional[str] = None,
                 f"{strategy}), shared experts: {shared}, attention: {heads}")
     else:
         raise ValueError(f"distributed mode must be pipeline or experts, not {mode!r}")
-    if compile_default():
-        set_compiled_decode(model)
+    device_passes(model)  # sharded linears take the GEMV kernel too
     for layer in model.model.layers:  # one layer at a time bounds the transient memory
         mx.eval(layer.parameters())
     mx.eval(model.parameters())

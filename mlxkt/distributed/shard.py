@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..device import env_switch
+from ..loader_utils import mlx_cuda_one_group_bug
 
 EXPERT_SHARD_ENV = "MLXKT_EXPERT_SHARD"
 MOE_ATTRS = ("mlp", "block_sparse_moe")  # DeepSeek, Mixtral
@@ -235,10 +236,6 @@ def shared_split_ok(mlp: nn.Module, size: int) -> bool:
         groups = 2 if mlx_cuda_one_group_bug() else 1
         return part % down.group_size == 0 and part // down.group_size >= groups
     return True
-
-
-def mlx_cuda_one_group_bug() -> bool:
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
 def split_shared_experts(block: nn.Module, rank: int, size: int) -> str:

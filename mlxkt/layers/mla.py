@@ -14,10 +14,20 @@ from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.rope_utils import apply_yarn_mscale, initialize_rope
 
 from ..config import ModelArgs
+from ..device import env_switch
 from .cpu_heads import split_heads
 
 # Query lengths up to this use the absorbed path.
 ABSORB_MAX_L = 16
+
+
+def explicit_small_l() -> bool:
+    """Attention of 2-16 query rows as plain matmul + softmax instead of MLX's fused SDPA:
+    MLXKT_EXPLICIT_ATTENTION=1/0, else on CUDA, where MLX hands those shapes to cuDNN and
+    cuDNN builds a new graph for every cache length (~45 ms each on an H200: an MTP verify
+    step went from 2.1 ms to 48 ms once the cache grew). One query row is not affected."""
+    forced = env_switch("MLXKT_EXPLICIT_ATTENTION")
+    return mx.default_device() == mx.gpu and mx.cuda.is_available() if forced is None else forced
 
 
 class MLAttention(nn.Module):
@@ -90,6 +100,9 @@ class MLAttention(nn.Module):
         if mask is not None:
             neg = mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype)
             pe_scores = mx.where(mask, pe_scores, neg)
+        if 1 < q.shape[2] <= ABSORB_MAX_L and explicit_small_l():
+            scores = (q * self.scale) @ k.swapaxes(-1, -2) + pe_scores  # [B, H, L, S]
+            return mx.softmax(scores, axis=-1, precise=True) @ v
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pe_scores)
 
     def absorbed_output(self, out: mx.array) -> mx.array:
