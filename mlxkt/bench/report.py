@@ -23,6 +23,8 @@ def table(result: dict) -> str:
     row("warm-up s (compile)", [f"{res[n].get('warmup_s', float('nan')):.1f}" for n in names])
     for k in _keys(res, "prefill"):
         row(f"prefill {k} tok/s", [_fmt(res[n]["prefill"].get(k), "tok_s", "{:.1f}") for n in names])
+    for k in _keys(res, "prefill_new"):  # n + a few tokens, a length not run before
+        row(f"prefill {k}+ new len tok/s", [_fmt(res[n].get("prefill_new", {}).get(k), "tok_s", "{:.1f}") for n in names])
     for k in _keys(res, "decode"):
         row(f"decode @{k} tok/s", [_fmt(res[n]["decode"].get(k), "tok_s", "{:.2f}") for n in names])
         row(f"decode @{k} ms/token", [_fmt(res[n]["decode"].get(k), "ms_per_token", "{:.2f}") for n in names])
@@ -49,7 +51,7 @@ def table(result: dict) -> str:
 
 def _keys(res: dict, kind: str) -> list:
     """Measurement keys of every engine, in first-seen order (a failed engine has none)."""
-    return list(dict.fromkeys(k for r in res.values() for k in r[kind]))
+    return list(dict.fromkeys(k for r in res.values() for k in r.get(kind, {})))
 
 
 def _fmt(d, key, f):

@@ -152,7 +152,7 @@ def run_bench(o: BenchOptions, log=print) -> dict:
         ab = measure.active_bytes(e.model)
         res[e.name] = {"weights_gb": e.weights_bytes / 1e9, "active_gb_per_token": ab["per_token"] / 1e9,
                        "active_bytes": ab, "notes": e.notes, "dtype": str(measure.activation_dtype(e.model)),
-                       "prefill": {}, "decode": {}}
+                       "prefill": {}, "prefill_new": {}, "decode": {}}
     save()
 
     # Warm-up: the first use of each kernel compiles it (minutes for MLX CUDA on a fresh
@@ -200,6 +200,21 @@ def run_bench(o: BenchOptions, log=print) -> dict:
                     log(f"{e.name}: prefill {n}: {r['tok_s']:.1f} tok/s ({r['seconds']:.2f} s)")
                 save()
 
+    def prefill_new(n):
+        # Once per engine, a prompt length no run has used (each engine its own): what a
+        # user's new prompt costs, new shapes included. The repeats above hide that: on CUDA
+        # every new attention shape costs a cuDNN graph, and the short last chunk here is a
+        # new kernel shape too.
+        for i, e in enumerate(engines):
+            if e.decode_only:
+                continue
+            m = n + 17 + 2 * i
+            r = guarded(f"prefill {m} (new length)", e, lambda: measure.time_prefill(e, m, vocab))
+            res[e.name]["prefill_new"][str(n)] = r
+            if "tok_s" in r:
+                log(f"{e.name}: prefill {m} (new length): {r['tok_s']:.1f} tok/s ({r['seconds']:.2f} s)")
+            save()
+
     def decode(c):
         for _ in range(o.repeats):
             for e in engines:
@@ -231,6 +246,7 @@ def run_bench(o: BenchOptions, log=print) -> dict:
         analyse(c, 1)
     for n in sorted(o.prefill):
         prefill(n)
+        prefill_new(n)
         if n in o.breakdown_prefill:
             analyse(n, n)
     for n in o.breakdown_prefill:
@@ -265,10 +281,10 @@ def ratios(result: dict) -> dict:
             if base is None or name == base_name or (base_name == "mlxkt" and "+" not in name):
                 continue
             cells = {}
-            for kind in ("prefill", "decode"):
-                for k, v in r[kind].items():
-                    b = base[kind].get(k, {})
+            for kind in ("prefill", "prefill_new", "decode"):
+                for k, v in r.get(kind, {}).items():
+                    b = base.get(kind, {}).get(k, {})
                     if "tok_s" in v and "tok_s" in b:
-                        cells[f"{kind} {k}"] = v["tok_s"] / b["tok_s"]
+                        cells[f"{kind.replace('_', ' ')} {k}"] = v["tok_s"] / b["tok_s"]
             out[f"{name} / {base_name}"] = cells
     return out
