@@ -7,7 +7,7 @@
 # then `bench mtp`. On a fresh machine the GPU tests alone need more than one call (420 s
 # covered 62 of them in one process; `tests` now runs them in parallel shards): run `tests` first, on its
 # own, and the rest on the warm machine.
-#   sh benchmarks/h100_session.sh [bench|kernels|router|mtp|tests|dist ...]
+#   sh benchmarks/h100_session.sh [bench|kernels|router|mtp|tests|dist|allreduce ...]
 OUT=${OUT:-h100-out}
 mkdir -p "$OUT"
 STEPS=${*:-"bench kernels router mtp tests"}
@@ -28,6 +28,8 @@ for s in $STEPS; do
         --json "$OUT/kernels.json" ;;
     router) step router 60 python3 benchmarks/router.py --json "$OUT/router.json" ;;
     mtp) step mtp 150 python3 benchmarks/mtp.py fixture --model .bench_data/tiny-bf16 \
+        --tokens 200 --repeats 3
+        step mtp-4bit 150 python3 benchmarks/mtp.py fixture --model .bench_data/tiny-4bit \
         --tokens 200 --repeats 3 ;;
     tests) # GPU test files in ${SHARDS:-4} parallel pytest processes (NVRTC compiles are
         # CPU-bound and the kernel tests compile one variant each): shard i runs every
@@ -46,6 +48,7 @@ for s in $STEPS; do
         wait
         for f in "$OUT"/tests-[0-9]*.log; do echo "--- $f"; grep -E "passed|failed|error|FAILED|ERROR" "$f" | tail -n 15; done | tee "$OUT/tests.log"
         echo "=== tests done ($(date +%T))" ;;
+    allreduce) step allreduce 120 python3 benchmarks/allreduce.py --json "$OUT/allreduce.json" ;;
     dist) step dist "${DIST_LIMIT:-560}" python3 -W ignore benchmarks/distributed.py --backend nccl \
         --synthetic 8,32 --runs "${DIST_RUNS:-single:1,experts:2,experts:2:MLX_USE_CUDA_GRAPHS=1,experts:2:MLXKT_SPLIT_ATTENTION=0}" \
         --max-tokens 32 --repeats 2 --max-seconds "$(( ${DIST_LIMIT:-560} - 20 ))" --workdir /tmp/w8 \
