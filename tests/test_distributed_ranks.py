@@ -178,7 +178,11 @@ def test_a_killed_peer_stops_the_other_rank_with_an_error(tiny_dirs, tmp_path, v
         err = ranks.stderr(survivor)
         assert rc != 0
         assert f"mlxkt distributed [rank {survivor}/2]" in err, err
-        assert waited < float(STEP_TIMEOUT)  # the closed socket is noticed, no timeout needed
+        if waited >= float(STEP_TIMEOUT):
+            # MLX's ring backend raises on the closed socket within seconds (every local run);
+            # in 2 of about 10 loaded CI runs rank 0 kept waiting instead. Then the watchdog
+            # must be what stopped it, at the step timeout, with its message.
+            assert "did not finish within" in err, err
     finally:
         ranks.cleanup()
 
