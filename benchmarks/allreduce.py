@@ -28,7 +28,7 @@ def worker(rank: int, world: int, sizes: list, iters: int, port: int, queue) -> 
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     rows = []
     for n in sizes:
-        x = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+        x = torch.zeros(n, dtype=torch.bfloat16, device="cuda")  # stays finite when summed
         for _ in range(50):
             dist.all_reduce(x)
         torch.cuda.synchronize()
@@ -72,9 +72,13 @@ def main():
              for r in range(args.ranks)]
     for p in procs:
         p.start()
-    rows = queue.get(timeout=300)
-    for p in procs:
-        p.join()
+    try:
+        rows = queue.get(timeout=300)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
     report = {"bench": "torch-nccl-allreduce", "ranks": args.ranks, "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name(0), "rows": rows}
     print(f"{'values':>8}{'bytes':>8}{'synced µs':>11}{'streamed µs':>13}")

@@ -31,14 +31,20 @@ def bench_fixture(model_dir: str, tokens: int, repeats: int) -> dict:
         raise SystemExit(f"{model_dir} has no MTP layer (mtp.safetensors)")
     prompt = mx.array(tok.encode(HELD_OUT))
 
-    def run(mtp, skip, keep=False, ahead=True):
+    def prompt_for(k: int) -> mx.array:
+        """The held-out prompt after k * (tokens + 16) tokens of itself repeated: run k's cache
+        lengths then never overlap another run's (on CUDA a new length once cost a new cuDNN
+        graph, as every length does in real use)."""
+        pad = k * (tokens + 16)
+        filler = mx.concatenate([prompt] * (pad // prompt.size + 1))[:pad]
+        return mx.concatenate([filler, prompt])
+
+    def run(mtp, k, keep=False, ahead=True):
         """-> (tok/s over the whole call, tokens, stats or log-probs, decode tok/s: from the
-        first token to the last, so the prompt's prefill is left out). skip: leading prompt
-        tokens dropped; the MTP runs each get their own, so no run's cache lengths repeat an
-        earlier run's (on CUDA a new length cost a new cuDNN graph, as it does in real use)."""
+        first token to the last, so the prompt's prefill is left out), on prompt_for(k)."""
         st, lps, stamps = SpecStats(), [], []
         os.environ["MLXKT_MTP_AHEAD"] = "1" if ahead else "0"
-        p = prompt[skip:]
+        p = prompt_for(k)
         t0 = time.perf_counter()
         out = []
         for t, lp, _ in generate_step(p, model, max_tokens=tokens, mtp=mtp, spec_stats=st):
@@ -78,7 +84,8 @@ def bench_fixture(model_dir: str, tokens: int, repeats: int) -> dict:
         "acceptance": st.acceptance,
         "mean_accepted_length": st.mean_accepted_length,
         "identical_greedy": plain[-1][1] == spec[-1][1], "first_difference": first,
-        "top2_logprob_margin_there": margin, "parts_ms": cycle_parts(model, prompt),
+        "top2_logprob_margin_there": margin,
+        "parts_ms": cycle_parts(model, prompt_for(2 * repeats + 1)),
     }
 
 

@@ -21,11 +21,13 @@ def mlx_cuda_one_group_bug() -> bool:
     """MLX 0.32.4's CUDA quantized matmul is wrong for rows of a single quantization group
     (64 inputs at group 64) at 2-16 tokens (every output off) and has no kernel for more
     ("No implementation for problem shape"); 1 token is right."""
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    from .kernels.dispatch import gpu_backend
+
+    return gpu_backend() == "cuda"
 
 
 def dense_one_group_layers(model: nn.Module) -> int:
-    """Dequantize every quantized layer whose rows are one group (QuantizedLinear,
+    """Dequantize every affine-quantized layer whose rows are one group (QuantizedLinear,
     QuantizedMultiLinear), so MLX's CUDA bug above cannot hit it. Only small models have such
     layers (e.g. kv LoRA 64), so the extra bytes are few. Returns how many were replaced."""
     from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
@@ -34,9 +36,9 @@ def dense_one_group_layers(model: nn.Module) -> int:
     for path, m in model.named_modules():
         if not isinstance(m, (nn.QuantizedLinear, QuantizedMultiLinear)):
             continue
-        if m.weight.shape[-1] * 32 // m.bits != m.group_size:
+        if getattr(m, "mode", "affine") != "affine" or m.weight.shape[-1] * 32 // m.bits != m.group_size:
             continue
-        dtype = m.scales.dtype
+        dtype = m.scales.dtype  # affine scales carry the float dtype
         w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size,
                           bits=m.bits).astype(dtype)
         if isinstance(m, QuantizedMultiLinear):

@@ -57,7 +57,7 @@ def test_bench_runs_and_reports_ratios(tiny_dir, tmp_path):
     for name in ("mlxkt", "mlx-lm"):
         e = saved["engines"][name]
         assert e["prefill"]["24"]["tok_s"] > 0 and e["decode"]["40"]["ms_per_token"] > 0
-        assert e["prefill_new"]["24"]["prompt_tokens"] not in (25, 65)  # a length not run before
+        assert e["prefill_new"]["24"]["prompt_tokens"] != e["prefill"]["24"]["prompt_tokens"]
         assert e["active_gb_per_token"] > 0 and e["graph"]["non_view_nodes"] > 0
         rows = {r["component"] for r in e["breakdown"][0]["rows"]}
         assert {"moe.switch_mlp", "self_attn.o_proj", "lm_head"} <= rows

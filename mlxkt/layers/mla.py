@@ -15,6 +15,7 @@ from mlx_lm.models.rope_utils import apply_yarn_mscale, initialize_rope
 
 from ..config import ModelArgs
 from ..device import env_switch
+from ..kernels.dispatch import gpu_backend
 from .cpu_heads import split_heads
 
 # Query lengths up to this use the absorbed path.
@@ -27,7 +28,7 @@ def explicit_small_l() -> bool:
     cuDNN builds a new graph for every cache length (~45 ms each on an H200: an MTP verify
     step went from 2.1 ms to 48 ms once the cache grew). One query row is not affected."""
     forced = env_switch("MLXKT_EXPLICIT_ATTENTION")
-    return mx.default_device() == mx.gpu and mx.cuda.is_available() if forced is None else forced
+    return gpu_backend() == "cuda" if forced is None else forced
 
 
 class MLAttention(nn.Module):
@@ -101,6 +102,7 @@ class MLAttention(nn.Module):
             neg = mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype)
             pe_scores = mx.where(mask, pe_scores, neg)
         if 1 < q.shape[2] <= ABSORB_MAX_L and explicit_small_l():
+            # The ops (and bf16 rounding) MLX's CUDA fallback uses for one query row too.
             scores = (q * self.scale) @ k.swapaxes(-1, -2) + pe_scores  # [B, H, L, S]
             return mx.softmax(scores, axis=-1, precise=True) @ v
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pe_scores)
