@@ -25,7 +25,7 @@ for s in $STEPS; do
     case $s in
     bench) step bench "${BENCH_LIMIT:-400}" python3 -W ignore benchmarks/bench.py \
         --layers 8 --experts 32 --prefill 512,4096 --contexts 1024,8192,32768 --decode-tokens 32 \
-        --repeats 3 --variants eager,no-segments --max-seconds "${BENCH_SECONDS:-360}" \
+        --repeats 3 --variants "${BENCH_VARIANTS:-fused-proj,no-gemv}" --max-seconds "${BENCH_SECONDS:-360}" \
         --workdir /tmp/w8 --out "$OUT/bench" ;;
     kernels) step kernels 300 python3 benchmarks/kernels.py --bits 4 --sweep \
         --json "$OUT/kernels.json" ;;

@@ -90,7 +90,8 @@ def test_decode_cache_fill_sets_context(tiny_dir):
     assert cache[0].keys.shape[-1] == 128 and cache[0].values.shape[-1] == 64
 
 
-@pytest.mark.parametrize("variant", ["compiled", "eager", "compiled+mla-gemm", "no-segments"])
+@pytest.mark.parametrize("variant", ["compiled", "eager", "compiled+mla-gemm", "no-segments",
+                                     "fused-proj", "compiled+fused-proj"])
 def test_variants_decode_like_the_engine(tiny_dir, variant, monkeypatch):
     from mlxkt.bench import variants
 
@@ -102,6 +103,21 @@ def test_variants_decode_like_the_engine(tiny_dir, variant, monkeypatch):
     prompt = measure.random_prompt(200, base.model.args.vocab_size)  # 199 x top-2 >= 256 pairs
     want = list(base.stream(prompt, base.make_cache(), 6))
     assert list(e.stream(prompt, e.make_cache(), 6)) == want
+
+
+def test_fused_projections_give_the_same_logits(tiny_dir):
+    from mlxkt.bench import variants
+
+    base = measure.mlxkt_engine(tiny_dir, dtype=mx.float32)
+    e = measure.mlxkt_engine(tiny_dir, dtype=mx.float32)
+    variants.apply_variant(e, "fused-proj")
+    for layer in e.model.model.layers:  # the hooks are in place: one linear each
+        assert "down_projections" in vars(layer.self_attn)
+        assert "gate_up" in vars(layer.mlp.get("shared_experts", layer.mlp))
+    x = mx.array([[5, 17, 3, 99, 42]])
+    want = base.model(x, cache=base.make_cache())
+    got = e.model(x, cache=e.make_cache())
+    assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item()
 
 
 def test_synthetic_model_is_written_by_a_child_and_reused(tmp_path):

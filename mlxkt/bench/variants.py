@@ -15,15 +15,22 @@ files; what pays off moves into the engine.
                  before: the before/after of that change in one run.
 - gemv / no-gemv: the dense quantized linear layers through mlxkt's GEMV kernel
                  (kernels/qgemv.py; the default on CUDA), or back on MLX's quantized matmul.
+- fused-proj:    projections that share their input as one linear each: q_a_proj with
+                 kv_a_proj_with_mqa, and gate_proj with up_proj in the shared experts and
+                 dense MLPs (rows concatenated, output split), so a decode step launches two
+                 kernels fewer per layer. Holds a second copy of those weights.
 """
 
 from functools import partial
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ..layers.decode_compile import set_compiled_decode
 from ..layers.experts import RoutedExperts
+from ..kernels.qgemv import linear_like
 from ..layers.mla import ABSORB_MAX_L
+from ..layers.moe import MLP
 from .measure import Engine
 
 
@@ -80,6 +87,46 @@ def _no_gemv(engine: Engine):
     plain_linears(engine.model)
 
 
+def concat_linears(a, b):
+    """One linear computing [a(x), b(x)] (rows of a, then b), or None where a and b differ
+    in kind, quantization or bias."""
+    if any("bias" in m for m in (a, b)) or type(a) is not type(b):
+        return None
+    if isinstance(a, nn.QuantizedLinear):
+        if (a.bits, a.group_size, getattr(a, "mode", "affine")) != (b.bits, b.group_size, getattr(b, "mode", "affine")):
+            return None
+        arrays = {k: mx.concatenate([a[k], b[k]]) for k in ("weight", "scales", "biases") if k in a}
+        return linear_like(a, type(a), **arrays)
+    if isinstance(a, nn.Linear):
+        fused = nn.Linear(1, 1, bias=False)
+        fused.weight = mx.concatenate([a.weight, b.weight])
+        return fused
+    return None
+
+
+def _split_by(fused, n: int):
+    return lambda x: tuple(mx.split(fused(x), [n], axis=-1))
+
+
+def _fused_proj(engine: Engine):
+    model = engine.model
+    made = []
+    for layer in list(model.model.layers) + (list(model.mtp.layers) if "mtp" in model else []):
+        attn = layer.get("self_attn")
+        if getattr(attn, "q_lora_rank", None) is not None:  # DeepSeek's MLA
+            fused = concat_linears(attn.q_a_proj, attn.kv_a_proj_with_mqa)
+            if fused is not None:
+                attn.down_projections = _split_by(fused, attn.q_lora_rank)
+                made.append(fused)
+        mlp = layer.get("mlp")  # Mixtral's layers have none
+        for mlp in (mlp, mlp.get("shared_experts") if mlp is not None else None):
+            fused = concat_linears(mlp.gate_proj, mlp.up_proj) if isinstance(mlp, MLP) else None
+            if fused is not None:
+                mlp.gate_up = _split_by(fused, mlp.gate_proj.weight.shape[0])
+                made.append(fused)
+    mx.eval([m.parameters() for m in made])  # held by the closures, not the model
+
+
 VARIANTS = {
     "compiled": lambda e: set_compiled_decode(e.model, True),
     "eager": lambda e: set_compiled_decode(e.model, False),
@@ -88,6 +135,7 @@ VARIANTS = {
     "no-segments": _no_segments,
     "gemv": _gemv,
     "no-gemv": _no_gemv,
+    "fused-proj": _fused_proj,
 }
 
 

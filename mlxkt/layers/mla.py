@@ -71,17 +71,22 @@ class MLAttention(nn.Module):
         x: [B, L, D] -> q_nope, q_pe [B, H, L, *]; latent [B, 1, L, r]; k_pe [B, 1, L, rope]"""
         B, L, _ = x.shape
         if self.q_lora_rank is None:
-            q = self.q_proj(x)
+            q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_a, kv = self.down_projections(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.reshape(B, L, self.num_heads, self.q_head_dim).transpose(0, 2, 1, 3)
         q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)
 
-        kv = self.kv_a_proj_with_mqa(x)
         latent, k_pe = mx.split(kv, [self.kv_lora_rank], axis=-1)
         latent = self.kv_a_layernorm(latent)[:, None]
         k_pe = k_pe.reshape(B, 1, L, self.qk_rope_head_dim)
         return q_nope, self.rope(q_pe, offset), latent, self.rope(k_pe, offset)
+
+    def down_projections(self, x: mx.array):
+        """x -> q LoRA input, kv latent + rope: two projections of the same x (the bench
+        variant fused-proj makes them one launch)."""
+        return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
 
     def absorbed_queries(self, x: mx.array, offset=0):
         """project() with the queries moved into latent space (decode, MTP verification).

@@ -17,8 +17,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dims, hidden_dims, bias=False)
         self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
 
+    def gate_up(self, x):
+        """Both input-side projections of x (the bench variant fused-proj makes them one launch)."""
+        return self.gate_proj(x), self.up_proj(x)
+
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(nn.silu(gate) * up)
 
 
 class DeepseekGate(nn.Module):
