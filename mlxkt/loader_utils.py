@@ -6,6 +6,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .kernels.dispatch import gpu_backend
+
 
 def cast_floats(module: nn.Module, dtype: mx.Dtype, keep: Optional[Callable] = None) -> None:
     """Cast floating parameters to dtype, except those `keep(path)` says to leave alone."""
@@ -21,8 +23,6 @@ def mlx_cuda_one_group_bug() -> bool:
     """MLX 0.32.4's CUDA quantized matmul is wrong for rows of a single quantization group
     (64 inputs at group 64) at 2-16 tokens (every output off) and has no kernel for more
     ("No implementation for problem shape"); 1 token is right."""
-    from .kernels.dispatch import gpu_backend
-
     return gpu_backend() == "cuda"
 
 

@@ -18,6 +18,7 @@ import contextlib
 import mlx.core as mx
 
 from ..device import env_switch
+from ..kernels.dispatch import gpu_backend
 from .mla import ABSORB_MAX_L
 
 ENV = "MLXKT_COMPILE"
@@ -26,7 +27,7 @@ ENV = "MLXKT_COMPILE"
 def compile_default() -> bool:
     forced = env_switch(ENV)
     if forced is None:
-        return mx.default_device().type == mx.gpu and mx.cuda.is_available()
+        return gpu_backend() == "cuda"
     return forced
 
 

@@ -15,6 +15,8 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.dispatch import gpu_backend
+
 ENV = "MLXKT_SEGMENTS"
 SEGMENT_MIN_PAIRS = 256  # fewer (token, expert) pairs: decode-sized, the gather path is right
 
@@ -53,7 +55,7 @@ def use_segments(x, inds, gate_proj, up_proj=None, down_proj=None) -> bool:
     if not all(_affine_quantized(p) for p in projs):
         return False
     # CUDA only: measured there, never on an Apple GPU.
-    return forced or (mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available())
+    return forced or gpu_backend() == "cuda"
 
 
 def segmented_experts(x, inds, scores, gate_proj, up_proj, down_proj):
@@ -70,7 +72,7 @@ def segmented_experts(x, inds, scores, gate_proj, up_proj, down_proj):
         counts = (flat[:, None] == mx.arange(E)[None]).sum(axis=0).tolist()  # host sync, [E]
     except ValueError:  # "eval during a function transformation": no sync possible here
         return None
-    pad_rows = mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
+    pad_rows = gpu_backend() == "cuda"
     xs = x.reshape(-1, D)[order // K]  # [P, D] grouped by expert
     outs, start = [], 0
     for e, c in enumerate(counts):
