@@ -1,9 +1,14 @@
 """The compiled decode path (layers/decode_compile.py) against the eager layers."""
 
+import re
+import tempfile
+from pathlib import Path
+
 import mlx.core as mx
 import pytest
 
 from mlxkt.generate import generate_step
+from mlxkt.loader import device_passes
 from mlxkt.layers.decode_compile import compile_default, eager_decode, set_compiled_decode
 from mlxkt.speculative import SpecStats
 from mlxkt.demo import DEMO_CONFIG
@@ -51,6 +56,28 @@ def test_compiled_mtp_greedy_identical():
     st = SpecStats()
     spec = [t for t, *_ in generate_step(PROMPT[0], model, max_tokens=20, spec_stats=st)]
     assert spec == plain and st.cycles > 0
+
+
+def graph_ops(y) -> list:
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "g.dot"
+        mx.export_to_dot(str(f), y)
+        return sorted(re.findall(r'label ="([^"]+)", shape=rectangle', f.read_text()))
+
+
+def test_lazy_constants_stay_out_of_compiled_steps():
+    """mlx-lm's YaRN rope builds its frequencies lazily: traced while still unevaluated they
+    became part of every compiled step (2 aranges and a power per layer on a GPU)."""
+    def compiled_step_ops(evaluate_priming: bool):
+        model = random_model(DEMO_CONFIG)  # YaRN rope
+        device_passes(model, compile=True)
+        y = model(mx.array([[2]]), cache=model.make_cache())  # primes the 1-token shape
+        if evaluate_priming:
+            mx.eval(y)
+        cache = model.make_cache()
+        return graph_ops(model(mx.array([[7]]), cache=cache))  # traced now
+
+    assert compiled_step_ops(False) == compiled_step_ops(True)
 
 
 def test_default_on_cuda_only_unless_asked(monkeypatch):
