@@ -76,7 +76,7 @@ def profile_decode(engine, context: int, tokens: int, skip: int = 4) -> dict:
         k = short(name)
         c, t = by_name.get(k, (0, 0.0))
         by_name[k] = (c + 1, t + e - s)
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:40]
     return {
         "context": context, "tokens": tokens,
         "wall_ms_per_token": 1e3 * wall,

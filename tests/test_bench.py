@@ -57,13 +57,14 @@ def test_bench_runs_and_reports_ratios(tiny_dir, tmp_path):
     for name in ("mlxkt", "mlx-lm"):
         e = saved["engines"][name]
         assert e["prefill"]["24"]["tok_s"] > 0 and e["decode"]["40"]["ms_per_token"] > 0
-        assert e["prefill_new"]["24"]["prompt_tokens"] != e["prefill"]["24"]["prompt_tokens"]
+        lengths = {e[k]["24"]["prompt_tokens"] for k in ("prefill", "prefill_first_new", "prefill_new")}
+        assert len(lengths) == 3  # three lengths: repeated, first new, second new
         assert e["active_gb_per_token"] > 0 and e["graph"]["non_view_nodes"] > 0
         rows = {r["component"] for r in e["breakdown"][0]["rows"]}
         assert {"moe.switch_mlp", "self_attn.o_proj", "lm_head"} <= rows
     assert set(saved["ratios"]["mlxkt / mlx-lm"]) == {"prefill 24", "prefill new 24", "decode 40"}
     assert saved["engines"]["mlxkt"]["prefill_new"]["24"]["tokens"] != saved["engines"]["mlx-lm"]["prefill_new"]["24"]["tokens"]
-    assert "mlxkt / mlx-lm" in table(saved) and "24+ new len" in table(saved)
+    assert "mlxkt / mlx-lm" in table(saved) and "24+ new len" in table(saved) and "24+ 1st new len" in table(saved)
 
 
 def test_breakdown_of_a_compiled_engine_times_its_modules(tiny_dir):

@@ -23,7 +23,9 @@ def table(result: dict) -> str:
     row("warm-up s (compile)", [f"{res[n].get('warmup_s', float('nan')):.1f}" for n in names])
     for k in _keys(res, "prefill"):
         row(f"prefill {k} tok/s", [_fmt(res[n]["prefill"].get(k), "tok_s", "{:.1f}") for n in names])
-    for k in _keys(res, "prefill_new"):  # n + a few tokens, a length not run before
+    for k in _keys(res, "prefill_first_new"):  # n + a few tokens, one-time kernel builds included
+        row(f"prefill {k}+ 1st new len tok/s", [_fmt(res[n].get("prefill_first_new", {}).get(k), "tok_s", "{:.1f}") for n in names])
+    for k in _keys(res, "prefill_new"):  # n + a few more tokens, another length not run before
         row(f"prefill {k}+ new len tok/s", [_fmt(res[n].get("prefill_new", {}).get(k), "tok_s", "{:.1f}") for n in names])
     for k in _keys(res, "decode"):
         row(f"decode @{k} tok/s", [_fmt(res[n]["decode"].get(k), "tok_s", "{:.2f}") for n in names])
