@@ -7,21 +7,31 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse
 
+from .layers.mla import ABSORB_MAX_L
 from .sampling import Sampling
 from .speculative import SpecStats, mtp_generate_step
 
 PREFILL_STEP = 512  # chunked prefill bounds activation memory on long prompts
 
 
+def prefill_chunks(n: int, step: int = PREFILL_STEP, small: int = ABSORB_MAX_L) -> list:
+    """[(start, end)] over n tokens in chunks of `step`, except that a short last chunk (of
+    decode size, at most `small` tokens) joins the one before it. A prompt's last chunk has
+    any length; decode-sized ones take the decode kernels, which are built for each token
+    count on first use: on an H200 a 5-token last chunk cost 36 s the first time."""
+    bounds = list(range(0, n, step)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] <= small:
+        del bounds[-2]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def prefill(model: nn.Module, tokens: mx.array, cache: list, step: int = PREFILL_STEP):
     """Run all but the last prompt token through the model, filling the cache in chunks."""
     # tokens: [L] -> returns the last token [1] still to be decoded
-    while tokens.size > 1:
-        n = min(step, tokens.size - 1)
-        model(tokens[None, :n], cache=cache)
+    for s, e in prefill_chunks(tokens.size - 1, step):
+        model(tokens[None, s:e], cache=cache)
         mx.eval([c.state for c in cache])
-        tokens = tokens[n:]
-    return tokens
+    return tokens[-1:]
 
 
 def decode_step(model, tokens, cache, sampler, logits_processors=None, history=None):

@@ -129,21 +129,19 @@ def mtp_generate_step(
 
     # Prefill: main model over the prompt; the MTP layer over the same positions, each
     # paired with the following token (the last one with the first sampled token y).
-    P, s = prompt.size, 0
-    while True:
-        e = min(s + prefill_step_size, P)
+    from .generate import prefill_chunks  # generate imports this module
+
+    P = prompt.size
+    for s, e in prefill_chunks(P, prefill_step_size):
         h = model.model(prompt[None, s:e], main)  # [1, n, D]
         if e < P:
             mtp(h, prompt[None, s + 1 : e + 1], mcache[0])
             mx.eval([c.state for c in cache])
-            s = e
-            continue
-        lp = _logprobs(model.lm_head(h[:, -1])[0])
-        y = _sample(lp, sampling)
-        d_logits, d_h = mtp(h, mx.concatenate([prompt[s + 1 : e], y[None]])[None], mcache[0])
-        d_logits, d_h = d_logits[:, -1:], d_h[:, -1:]
-        y = y.item()
-        break
+    lp = _logprobs(model.lm_head(h[:, -1])[0])
+    y = _sample(lp, sampling)
+    d_logits, d_h = mtp(h, mx.concatenate([prompt[s + 1 : e], y[None]])[None], mcache[0])
+    d_logits, d_h = d_logits[:, -1:], d_h[:, -1:]
+    y = y.item()
 
     n = 0
     N = draft_tokens

@@ -7,7 +7,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from mlxkt.chat import ChatSession, encode, render
 from mlxkt.demo import write_tokenizer
-from mlxkt.generate import generate_step, stream_generate
+from mlxkt.generate import generate_step, prefill_chunks, stream_generate
 from mlxkt.layers import mla
 from tiny_models import deepseek_tiny, mixtral_tiny
 
@@ -43,6 +43,16 @@ def test_chunked_prefill_same_logits(model):
     one = [t for t, *_ in generate_step(prompt, model, max_tokens=6)]
     chunked = [t for t, *_ in generate_step(prompt, model, max_tokens=6, prefill_step_size=7)]
     assert one == chunked
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 16, 17, 511, 512, 513, 528, 529, 1040, 1041])
+def test_prefill_chunks_leave_no_decode_sized_tail(n):
+    chunks = prefill_chunks(n, 512, small=16)
+    assert [s for s, _ in chunks] == [0] + [e for _, e in chunks[:-1]] if n else chunks == []
+    assert (chunks[-1][1] if chunks else 0) == n
+    assert all(e - s <= 512 + 16 for s, e in chunks)
+    if len(chunks) > 1:  # only a prompt that short has a decode-sized chunk
+        assert chunks[-1][1] - chunks[-1][0] > 16
 
 
 def test_incremental_logits_close(model):
