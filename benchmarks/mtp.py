@@ -94,10 +94,10 @@ def bench_fixture(model_dir: str, tokens: int, repeats: int) -> dict:
     }
 
 
-def cycle_parts(model, prompt, n: int = 30) -> dict:
-    """Where an MTP cycle's time goes: each piece evaluated on its own (synchronous, so
-    launch and sync costs that pipelining hides are included), caches trimmed back after
-    each call, and the host time to build a plain step's and a cycle's graph."""
+def cycle_pieces(model, prompt) -> dict:
+    """The pieces of an MTP cycle after a prefill of `prompt`: name -> (a function building
+    the piece's outputs, not evaluated; the caches to trim back after each call, as
+    (cache, count))."""
     from mlxkt.sampling import Sampling
     from mlxkt.speculative import _Cycle
 
@@ -107,8 +107,29 @@ def cycle_parts(model, prompt, n: int = 30) -> dict:
     mtp = model.mtp.layers[0]
     h = model.model(prompt[None], main)  # [1, P, D]
     mx.eval(mtp(h[:, :-1], prompt[None, 1:], mcache[0]), [c.state for c in cache])
-    y2 = prompt[None, -2:]  # [1, 2]
-    h2 = h[:, -2:]
+    y2, h2 = prompt[None, -2:], h[:, -2:]  # [1, 2], [1, 2, D]
+    d_logits, d_h = mtp(h2[:, -1:], y2[:, -1:], mcache[0])
+    mx.eval(d_logits, d_h)
+    mcache[0].trim(1)
+    head = model.lm_head
+
+    def cycle():
+        c = _Cycle(model, main, mcache, y2[0, -1], d_logits, d_h, 1, Sampling(), queue=False)
+        return [c.accepted, c.tokens, c.m_logits, c.m_h]
+
+    return {
+        "step_1": (lambda: [head(model.model(y2[:, :1], main)).argmax(-1)], [(c, 1) for c in main]),
+        "verify_2": (lambda: [head(model.model(y2, main)).argmax(-1)], [(c, 2) for c in main]),
+        "mtp_layer_2": (lambda: list(mtp(h2, y2, mcache[0])), [(mcache[0], 2)]),
+        "cycle": (cycle, [(c, 2) for c in cache]),
+    }
+
+
+def cycle_parts(model, prompt, n: int = 30) -> dict:
+    """Where an MTP cycle's time goes: each piece evaluated on its own (synchronous, so
+    launch and sync costs that pipelining hides are included), caches trimmed back after
+    each call, and the host time to build a plain step's and a cycle's graph."""
+    p = cycle_pieces(model, prompt)
 
     def timed(fn, trim):
         def once():
@@ -128,28 +149,12 @@ def cycle_parts(model, prompt, n: int = 30) -> dict:
                 c.trim(k)
         return 1e3 * sorted(ts)[len(ts) // 2]
 
-    head = lambda x: model.lm_head(x)  # noqa: E731
-    step = lambda: head(model.model(y2[:, :1], main)).argmax(-1)  # noqa: E731
-    verify = lambda: head(model.model(y2, main)).argmax(-1)  # noqa: E731
-    layer = lambda: mtp(h2, y2, mcache[0])  # noqa: E731
-    d_logits, d_h = mtp(h2[:, -1:], y2[:, -1:], mcache[0])
-    mx.eval(d_logits, d_h)
-    mcache[0].trim(1)
-
-    def cycle(queue=True):
-        c = _Cycle(model, main, mcache, y2[0, -1], d_logits, d_h, 1, Sampling(), queue)
-        return c.accepted, c.tokens, c.m_logits, c.m_h
-
-    every = [(c, 1) for c in main]
-    both = [(c, 2) for c in cache]
-    return {
-        "step_1": timed(step, every), "verify_2": timed(verify, [(c, 2) for c in main]),
-        "mtp_layer_2": timed(layer, [(mcache[0], 2)]), "cycle": timed(cycle, both),
-        "build_step_1": build(step, every), "build_cycle": build(lambda: cycle(False), both),
-        # Last, untrimmed: every call at a new cache length, as in real decoding (on CUDA
-        # MLX's fused attention of 2 rows cost a new cuDNN graph per length).
-        "verify_2_growing": timed(verify, []),
-    }
+    out = {name: timed(*p[name]) for name in ("step_1", "verify_2", "mtp_layer_2", "cycle")}
+    out["build_step_1"], out["build_cycle"] = build(*p["step_1"]), build(*p["cycle"])
+    # Last, untrimmed: every call at a new cache length, as in real decoding (on CUDA MLX's
+    # fused attention of 2 rows cost a new cuDNN graph per length).
+    out["verify_2_growing"] = timed(p["verify_2"][0], [])
+    return out
 
 
 def real_width_args(layers: int, experts: int):

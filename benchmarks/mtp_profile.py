@@ -23,36 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mlx.core as mx  # noqa: E402
 
 from gpu_profile import busy_us, kernel_events, short  # noqa: E402
-from mtp import HELD_OUT  # noqa: E402
-
-
-def pieces(model, prompt):
-    """name -> (build the piece's outputs, caches to trim after each call)."""
-    from mlxkt.sampling import Sampling
-    from mlxkt.speculative import _Cycle
-
-    n_main = len(model.layers)
-    cache = model.make_cache()
-    main, mcache = cache[:n_main], cache[n_main:]
-    mtp = model.mtp.layers[0]
-    h = model.model(prompt[None], main)  # [1, P, D]
-    mx.eval(mtp(h[:, :-1], prompt[None, 1:], mcache[0]), [c.state for c in cache])
-    y2, h2 = prompt[None, -2:], h[:, -2:]
-    d_logits, d_h = mtp(h2[:, -1:], y2[:, -1:], mcache[0])
-    mx.eval(d_logits, d_h)
-    mcache[0].trim(1)
-    head = model.lm_head
-
-    def cycle():
-        c = _Cycle(model, main, mcache, y2[0, -1], d_logits, d_h, 1, Sampling(), queue=False)
-        return [c.accepted, c.tokens, c.m_logits, c.m_h]
-
-    return {
-        "step_1": (lambda: [head(model.model(y2[:, :1], main)).argmax(-1)], [(c, 1) for c in main]),
-        "verify_2": (lambda: [head(model.model(y2, main)).argmax(-1)], [(c, 2) for c in main]),
-        "mtp_layer_2": (lambda: list(mtp(h2, y2, mcache[0])), [(mcache[0], 2)]),
-        "cycle": (cycle, [(c, 2) for c in cache]),
-    }
+from mtp import HELD_OUT, cycle_pieces  # noqa: E402
 
 
 def measure(fn, trim, calls: int) -> dict:
@@ -109,7 +80,7 @@ def main(model: str = typer.Option(..., help="converted model with mtp.safetenso
     if "mtp" not in m:
         raise SystemExit(f"{model} has no MTP layer")
     prompt = mx.array(tok.encode(HELD_OUT))[:200]
-    res = {name: measure(fn, trim, calls) for name, (fn, trim) in pieces(m, prompt).items()}
+    res = {name: measure(fn, trim, calls) for name, (fn, trim) in cycle_pieces(m, prompt).items()}
     base = res["step_1"]
     print(f"{'piece':12} {'kernels':>8} {'x step':>7} {'GPU µs':>8} {'build ms':>9} "
           f"{'async_eval ms':>14} {'sync call ms':>13} {'x step':>7}")
