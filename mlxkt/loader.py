@@ -12,7 +12,7 @@ from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
 from .kernels.dispatch import gemv_enabled, kernel_backend
 from .layers.decode_compile import compile_default, set_compiled_decode
-from .loader_utils import cast_floats, dense_one_group_layers, eval_constants, mlx_cuda_one_group_bug
+from .loader_utils import cast_floats, dense_one_group_layers, mlx_cuda_one_group_bug
 from .models import get_model_classes
 from .mtp import load_mtp
 from .safetensors_header import tensor_names
@@ -96,7 +96,6 @@ def device_passes(model: nn.Module, compile: Optional[bool] = None) -> None:
 
         optimize(model, rules=(), linears=True)
     if compile_default() if compile is None else compile:
-        eval_constants(model)  # before any trace: a lazy constant would be recomputed per step
         set_compiled_decode(model)
 
 

@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from ..device import env_switch
 from ..kernels.dispatch import gpu_backend
+from ..loader_utils import eval_constants
 from .mla import ABSORB_MAX_L
 
 ENV = "MLXKT_COMPILE"
@@ -67,6 +68,8 @@ class CompiledDecode:
 
 def set_compiled_decode(model, on: bool = True) -> None:
     """Turn the compiled decode path of every DeepSeek decoder layer (MTP layers too) on or off."""
+    if on:  # before any trace: a lazy constant would be recomputed in every step
+        eval_constants(model)
     layers = list(getattr(model, "layers", []))
     if "mtp" in model:
         layers += list(model.mtp.layers)
