@@ -1,12 +1,14 @@
 """What a prompt's short last chunk costs the first time (NVIDIA GPUs: kernels built on
-first use), with mlxkt's chunking (a decode-sized last chunk joins the one before it) and
-without (the chunks fed by hand). Needs a fresh process to mean anything.
+first use), with mlxkt's chunking (a decode-sized last chunk joins the one before it; a
+prompt of at most 17 tokens is prefilled token by token on CUDA) and without (the chunks
+fed by hand). Needs a fresh process to mean anything.
 
     python benchmarks/prefill_tail.py --layers 8 --experts 32 --workdir /tmp/w8
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +47,13 @@ def main():
                 mx.eval([c.state for c in cache])
         return f
 
+    def short(n: int, stepwise: str):
+        def f(cache):
+            os.environ["MLXKT_STEPWISE_PREFILL"] = stepwise
+            prefill(model, p[: n + 1], cache)
+            os.environ.pop("MLXKT_STEPWISE_PREFILL")
+        return f
+
     rows = [  # each length new to the process, so each pays its first-use builds
         ("warm-up: 512 tokens", lambda c: prefill(model, p[:513], c)),
         ("512 tokens again", lambda c: prefill(model, p[:513], c)),
@@ -53,6 +62,11 @@ def main():
         ("1031 tokens, mlxkt chunks (512 + 519)", lambda c: prefill(model, p[:1032], c)),
         ("1031 tokens as 512 + 512 + 7", by_hand(0, 512, 1024, 1031)),
         ("the same again", by_hand(0, 512, 1024, 1031)),
+        ("warm-up: 3 tokens, 1-token steps", short(3, "1")),  # decode's kernels, once
+        ("7 tokens, 1-token steps", short(7, "1")),
+        ("9 tokens as one chunk", short(9, "0")),
+        ("12 tokens, 1-token steps", short(12, "1")),
+        ("12 tokens as one chunk", short(12, "0")),
     ]
     res = {"device": str(mx.default_device()), "seconds": {}}
     for label, fn in rows:

@@ -46,13 +46,27 @@ def test_chunked_prefill_same_logits(model):
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 16, 17, 511, 512, 513, 528, 529, 1040, 1041])
-def test_prefill_chunks_leave_no_decode_sized_tail(n):
-    chunks = prefill_chunks(n, 512, small=16)
+@pytest.mark.parametrize("stepwise", [False, True])
+def test_prefill_chunks_leave_no_decode_sized_tail(n, stepwise):
+    chunks = prefill_chunks(n, 512, small=16, stepwise=stepwise)
     assert [s for s, _ in chunks] == [0] + [e for _, e in chunks[:-1]] if n else chunks == []
     assert (chunks[-1][1] if chunks else 0) == n
     assert all(e - s <= 512 + 16 for s, e in chunks)
-    if len(chunks) > 1:  # only a prompt that short has a decode-sized chunk
-        assert chunks[-1][1] - chunks[-1][0] > 16
+    sizes = [e - s for s, e in chunks]
+    if 1 < n <= 16:  # only a prompt that short has a decode-sized chunk: whole, or token by token
+        assert sizes == ([1] * n if stepwise else [n])
+    elif len(chunks) > 1:
+        assert sizes[-1] > 16
+
+
+@pytest.mark.parametrize("n", [2, 3, 9, 17])
+def test_stepwise_short_prefill_same_tokens(model, monkeypatch, n):
+    prompt = mx.array(np.random.default_rng(n).integers(4, 300, n))
+    out = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MLXKT_STEPWISE_PREFILL", flag)
+        out.append([t for t, *_ in generate_step(prompt, model, max_tokens=6)])
+    assert out[0] == out[1]
 
 
 def test_incremental_logits_close(model):

@@ -52,6 +52,13 @@ def test_chunked_prefill_with_mtp(model):
     assert a == b == plain_greedy(model, prompt, 10)
 
 
+@pytest.mark.parametrize("n", [2, 5, 16])
+def test_stepwise_short_prefill_with_mtp(model, monkeypatch, n):
+    prompt = mx.array(np.random.default_rng(n).integers(4, 300, n))
+    monkeypatch.setenv("MLXKT_STEPWISE_PREFILL", "1")
+    assert [t for t, *_ in generate_step(prompt, model, max_tokens=10)] == plain_greedy(model, prompt, 10)
+
+
 class OracleMTP:
     """Wraps the MTP layer: keeps its cache in step but drafts from a known sequence."""
 
