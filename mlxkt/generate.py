@@ -32,7 +32,7 @@ def prefill_chunks(n: int, step: int = PREFILL_STEP, small: int = ABSORB_MAX_L,
     bounds = list(range(0, n, step)) + [n]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] <= small:
         del bounds[-2]
-    if len(bounds) == 2 and 1 < n <= small and (stepwise_short_chunks() if stepwise is None else stepwise):
+    if 1 < n <= small and (stepwise_short_chunks() if stepwise is None else stepwise):
         bounds = list(range(n + 1))
     return list(zip(bounds[:-1], bounds[1:]))
 
