@@ -1,6 +1,7 @@
 """mlxkt.distributed in one process: layer splits, range reads, expert shards, caches, launch
 arguments, the watchdog. The multi-process tests are in test_distributed_ranks.py."""
 
+import contextlib
 import itertools
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from mlxkt.demo import DEMO_CONFIG
 from mlxkt.distributed import cli, plan, shard
 from mlxkt.distributed.load import read_rows
-from mlxkt.distributed.runtime import FollowerCaches
+from mlxkt.distributed.runtime import HEAD, INLINE, STOP, FollowerCaches, follow
 from mlxkt.loader_utils import mlx_cuda_one_group_bug
 from tiny_models import MIXTRAL_CONFIG, random_model
 
@@ -209,6 +210,31 @@ def test_follower_caches_trim_and_refuse_desync():
         caches.get(2, 5)  # an id never seen, already 5 tokens long on rank 0
     caches.drop([1])
     assert caches.get(1, 0) is not c
+
+
+class StoppingComm:
+    """Rank 1 of 2 whose first message from rank 0 is STOP; records the guarded sections."""
+    rank, size, group = 1, 2, None
+
+    def __init__(self):
+        self.steps = []
+
+    def all_sum(self, x):
+        return mx.array([STOP] + [0] * (HEAD + INLINE - 1), mx.int32)
+
+    @contextlib.contextmanager
+    def step(self, what, seconds=None, hint=None):
+        self.steps.append(what)
+        yield
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_follower_bounds_its_wait_for_rank_0_in_batch_runs_only(batch):
+    """A server's follower may wait for rank 0 forever; a batch run's waits under the watchdog
+    (a rank 0 that vanished without MLX noticing once left a follower waiting in CI)."""
+    comm = StoppingComm()
+    follow(tiny("mixtral", False), comm, batch=batch)
+    assert comm.steps == (["waiting for rank 0's next step"] if batch else [])
 
 
 # --- launch ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ def env_rank() -> int:
 
 def setup(model_path, mode: str, *, layers: Optional[str] = None, timeout: Optional[float] = None,
           backend: Optional[str] = None, dtype=None, counter: Optional[list] = None,
-          on_follower_exit: Optional[Callable] = None) -> Tuple[object, object]:
+          on_follower_exit: Optional[Callable] = None, batch: bool = False) -> Tuple[object, object]:
     """Join the group, load this rank's part of the model and return (model, tokenizer) on rank 0.
 
     On every other rank it does not return: the rank follows rank 0's forward calls and exits
@@ -30,6 +30,8 @@ def setup(model_path, mode: str, *, layers: Optional[str] = None, timeout: Optio
     timeout: seconds a step may take (default MLXKT_DIST_TIMEOUT or 120).
     counter / on_follower_exit: benchmark hooks (expert pairs per call; a follower's model
     and its follow() statistics, handed over before the process exits).
+    batch: rank 0 never idles (benchmarks, one-shot runs), so a follower that hears nothing
+    from it for a step's time limit stops (servers and chats wait forever; runtime.follow).
     """
     if mode not in MODES:
         raise ValueError(f"--distributed must be one of {', '.join(MODES)}, not {mode!r}")
@@ -50,7 +52,7 @@ def setup(model_path, mode: str, *, layers: Optional[str] = None, timeout: Optio
                   file=sys.stderr, flush=True)
             os._exit(1)
         comm.barrier("waiting for every rank to load its part", comm.load_timeout, LOAD_TIMEOUT_ENV)
-        stats = follow(model, comm)
+        stats = follow(model, comm, batch)
         if on_follower_exit is not None:
             on_follower_exit(model, stats)
         comm.watchdog.close()

@@ -369,7 +369,7 @@ def main(argv=None):
             model, tokenizer = mlxkt.load(args.model)
         else:
             model, tokenizer = api.setup(args.model, args.mode, layers=args.layers, counter=counter,
-                                         on_follower_exit=write_follower_stats)
+                                         on_follower_exit=write_follower_stats, batch=True)
         if args.mode == "experts" and args.pairs == "routing":
             routing = record_routing(model)
         if args.ignore_eos:

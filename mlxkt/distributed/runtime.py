@@ -208,8 +208,12 @@ def syncs_in_decode(model: nn.Module) -> bool:
     return any(isinstance(m, LocalExperts) and m.syncs(1) for _, m in model.named_modules())
 
 
-def follow(model: nn.Module, comm) -> dict:
+def follow(model: nn.Module, comm, batch: bool = False) -> dict:
     """The loop of ranks > 0: mirror rank 0's forward calls until it says stop.
+    batch: rank 0 is never idle for long (a benchmark or one-shot run), so the wait for its
+    next step is bounded by the step timeout; otherwise it may last forever (a server with no
+    requests). Usually MLX raises when rank 0's sockets close, but now and then (2 of 4 CI
+    runs in one session) a follower was left waiting.
     -> how many decode steps were built ahead and used, and how many were thrown away."""
     stats = {"built_ahead": 0, "ahead_undone": 0}
     caches = FollowerCaches(model)
@@ -218,10 +222,14 @@ def follow(model: nn.Module, comm) -> dict:
     ahead: Optional[Ahead] = None
     msg = comm.all_sum(blank)
     while True:
-        try:  # idle: waiting for rank 0's next step can take forever (a server with no requests)
-            head = msg[:HEAD].tolist()
-        except RuntimeError as e:
-            comm.fail("waiting for rank 0", e)
+        if not batch:
+            try:  # idle: waiting for rank 0's next step can take forever (a server with no requests)
+                head = msg[:HEAD].tolist()
+            except RuntimeError as e:
+                comm.fail("waiting for rank 0", e)
+        else:
+            with comm.step("waiting for rank 0's next step"):
+                head = msg[:HEAD].tolist()
         op, cid, offset, B, L = head[:5]
         if ahead is not None and (ahead.key != (cid, offset, B, L) or op != FORWARD):
             ahead.undo()
