@@ -50,7 +50,7 @@ def short(name: str, n: int = 90) -> str:
     return name if len(name) <= n else name[: n - 3] + "..."
 
 
-def profile_decode(engine, context: int, tokens: int, skip: int = 4) -> dict:
+def profile_decode(engine, context: int, tokens: int, skip: int = 4, top: int = 40) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     cache = measure.fill_cache(engine, context - 1)
@@ -76,7 +76,7 @@ def profile_decode(engine, context: int, tokens: int, skip: int = 4) -> dict:
         k = short(name)
         c, t = by_name.get(k, (0, 0.0))
         by_name[k] = (c + 1, t + e - s)
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:40]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
     return {
         "context": context, "tokens": tokens,
         "wall_ms_per_token": 1e3 * wall,
@@ -109,7 +109,7 @@ def host_costs(engine, context: int, reps: int = 10) -> dict:
 
 
 def main(layers: int = 8, experts: int = 32, context: int = 1024, tokens: int = 32,
-         engines: str = "mlxkt,mlx-lm", workdir: str = "/tmp/w8", json_out: str = typer.Option(None, "--json")):
+         engines: str = "mlxkt,mlx-lm", top: int = 40, workdir: str = "/tmp/w8", json_out: str = typer.Option(None, "--json")):
     config = slice_config("dsv3", layers, experts)
     path = write_model_in_child(Path(workdir) / f"synth-dsv3-{layers}l-{experts}e-4b", config)
     made = {"mlxkt": measure.mlxkt_engine, "mlx-lm": measure.mlx_lm_engine}
@@ -121,7 +121,7 @@ def main(layers: int = 8, experts: int = 32, context: int = 1024, tokens: int = 
         r = {"warmup_s": time.perf_counter() - t0,
              "active_gb": measure.active_bytes(e.model)["per_token"] / 1e9}
         r["host"] = host_costs(e, context)
-        r["profile"] = profile_decode(e, context, tokens)
+        r["profile"] = profile_decode(e, context, tokens, top=top)
         result["engines"][name] = r
         del e
         mx.clear_cache()

@@ -169,3 +169,28 @@ KT_FN float4 kt_load4(const KT_GLOBAL T* p) {
   }
   return r;
 }
+
+// acc + a . b over four components.
+KT_FN float kt_dot4(float4 a, float4 b, float acc) {
+  acc = KT_FMA(a.x, b.x, acc);
+  acc = KT_FMA(a.y, b.y, acc);
+  acc = KT_FMA(a.z, b.z, acc);
+  return KT_FMA(a.w, b.w, acc);
+}
+
+// acc + s v, component-wise.
+KT_FN float4 kt_axpy4(float s, float4 v, float4 acc) {
+  acc.x = KT_FMA(s, v.x, acc.x);
+  acc.y = KT_FMA(s, v.y, acc.y);
+  acc.z = KT_FMA(s, v.z, acc.z);
+  acc.w = KT_FMA(s, v.w, acc.w);
+  return acc;
+}
+
+KT_FN float4 kt_scale4(float s, float4 v) {
+  v.x *= s;
+  v.y *= s;
+  v.z *= s;
+  v.w *= s;
+  return v;
+}

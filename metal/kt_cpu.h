@@ -38,17 +38,26 @@ inline float KT_AS_FLOAT(uint32_t u) {
   return f;
 }
 
-// Every lane of the warp must call this, as with __shfl_xor_sync on a full mask.
-inline float kt_warp_sum(float v) {
+// Every lane of the warp must call these, as with __shfl_xor_sync on a full mask.
+inline float kt_warp_reduce(float v, bool take_max) {
   const int w = kt_emu::tid / 32;
   kt_emu::lanes[kt_emu::tid] = v;
   kt_emu::warp_barrier[w]->arrive_and_wait();
-  float s = 0.0f;
-  for (int i = 0; i < 32; ++i) {
-    s += kt_emu::lanes[w * 32 + i];
+  float s = take_max ? kt_emu::lanes[w * 32] : 0.0f;
+  for (int i = take_max ? 1 : 0; i < 32; ++i) {
+    const float u = kt_emu::lanes[w * 32 + i];
+    s = take_max ? (u > s ? u : s) : s + u;
   }
   kt_emu::warp_barrier[w]->arrive_and_wait();
   return s;
+}
+
+inline float kt_warp_sum(float v) {
+  return kt_warp_reduce(v, false);
+}
+
+inline float kt_warp_max(float v) {
+  return kt_warp_reduce(v, true);
 }
 
 template <uint32_t MASK, uint32_t BITS_OR>

@@ -17,6 +17,15 @@ KT_FN float kt_warp_sum(float v) {
   return v;
 }
 
+// Max of v over the 32 lanes of a warp; every lane gets it.
+KT_FN float kt_warp_max(float v) {
+  KT_UNROLL
+  for (int o = 16; o > 0; o >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  }
+  return v;
+}
+
 // (a & MASK) | BITS_OR in one LOP3: written plainly, the compiler spends two (two immediates).
 template <uint32_t MASK, uint32_t BITS_OR>
 KT_FN uint32_t kt_and_or(uint32_t a) {

@@ -13,6 +13,10 @@ KT_FN float kt_warp_sum(float v) {
   return simd_sum(v);
 }
 
+KT_FN float kt_warp_max(float v) {
+  return simd_max(v);
+}
+
 template <uint32_t MASK, uint32_t BITS_OR>
 KT_FN uint32_t kt_and_or(uint32_t a) {
   return (a & MASK) | BITS_OR;

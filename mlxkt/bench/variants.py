@@ -15,6 +15,8 @@ files; what pays off moves into the engine.
                  before: the before/after of that change in one run.
 - gemv / no-gemv: the dense quantized linear layers through mlxkt's GEMV kernel
                  (kernels/qgemv.py; the default on CUDA), or back on MLX's quantized matmul.
+- no-mla-kernel / mla-kernel: one-token decode attention without / with the MLA decode
+                 kernels (kernels/mla_decode.py; the default on CUDA up to its key limit).
 - fused-proj:    projections that share their input as one linear each: q_a_proj with
                  kv_a_proj_with_mqa, and gate_proj with up_proj in the shared experts and
                  dense MLPs (rows concatenated, output split), so a decode step launches two
@@ -127,6 +129,15 @@ def _fused_proj(engine: Engine):
     mx.eval([m.parameters() for m in made])  # held by the closures, not the model
 
 
+def _mla_kernel(on: bool):
+    def apply(engine: Engine):
+        model = engine.model
+        for layer in list(model.model.layers) + (list(model.mtp.layers) if "mtp" in model else []):
+            if hasattr(layer.get("self_attn"), "decode_kernel"):
+                layer.self_attn.mla_kernel = on
+    return apply
+
+
 VARIANTS = {
     "compiled": lambda e: set_compiled_decode(e.model, True),
     "eager": lambda e: set_compiled_decode(e.model, False),
@@ -136,6 +147,8 @@ VARIANTS = {
     "gemv": _gemv,
     "no-gemv": _no_gemv,
     "fused-proj": _fused_proj,
+    "no-mla-kernel": _mla_kernel(False),
+    "mla-kernel": _mla_kernel(True),
 }
 
 

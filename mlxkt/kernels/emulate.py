@@ -99,9 +99,10 @@ class EmulatedKernel:
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
                  **unused):
         in_types = [C_TYPES[a.dtype] for a in inputs]
-        # A kernel that unpacks 16-bit floats itself (template TK > 0) gets x's raw bits.
-        raw = dict(template).get("TK", 0) > 0
-        in_types = ["uint16_t" if raw and n == "x" and a.dtype in (mx.float16, mx.bfloat16) else t
+        # Inputs a kernel unpacks itself as 16-bit floats (spec.raw16) get their raw bits.
+        values = dict(template)
+        raw = {name for key, name in self.spec.raw16 if values.get(key, 0) > 0}
+        in_types = ["uint16_t" if n in raw and a.dtype in (mx.float16, mx.bfloat16) else t
                     for n, a, t in zip(self.spec.inputs, inputs, in_types)]
         out_types = [C_TYPES[d] for d in output_dtypes]
         lib = _compile(self._code(in_types, out_types, template))

@@ -13,6 +13,7 @@ from .dispatch import gpu_backend, kernels_enabled, probe_tolerance
 from .moe import decode_sized, fused_routed_experts, unsupported
 from .probe import random_problem, reference_float32, relative_error
 from .reference import routed_experts_reference
+from .mla_decode import selftest as mla_selftest
 from .qgemv import selftest as gemv_selftest
 from .router import selftest as router_selftest
 
@@ -108,4 +109,5 @@ def selftest(shapes=None, bits=(4, 8), tokens=(1, 4), experts=None, echo=print):
                 mx.clear_cache()
     rows += router_selftest(backend, echo)
     rows += gemv_selftest(backend, echo)
+    rows += mla_selftest(backend, echo)
     return rows

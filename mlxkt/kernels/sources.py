@@ -25,6 +25,9 @@ class KernelSpec:
     body: str
     inputs: Tuple[str, ...]
     outputs: Tuple[str, ...]
+    # (template key, input): the input is read as raw 16-bit floats (kt_load4) when the key's
+    # value is 1 or 2; the CPU emulation then passes its bits instead of floats.
+    raw16: Tuple[Tuple[str, str], ...] = ()
 
 
 GATE_UP = KernelSpec(
@@ -46,6 +49,7 @@ QGEMV = KernelSpec(
     body="qgemv.inc",
     inputs=("x", "w", "scales", "biases"),
     outputs=("y",),
+    raw16=(("TK", "x"),),
 )
 
 

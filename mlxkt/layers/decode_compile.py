@@ -6,7 +6,9 @@ their elementwise ops and traces them once per shape):
   pre:  input norm, q/kv projections, rope (offset as an array: no retrace per position),
         queries absorbed into latent space;
   post: latent -> heads -> o_proj, residual, post-attention norm, MoE or MLP, residual.
-The cache update and attention over the cache stay eager, since their shapes grow.
+The cache update and attention over the cache stay eager, since their shapes grow; the MLA
+decode kernels (kernels/mla_decode.py) read the whole cache buffer, so their call is
+compiled too, traced once per buffer size.
 On by default on NVIDIA GPUs: on an H100 it made decode 1.37-1.42x faster (8-layer
 real-width slice, `mlxkt bench --variants eager`). Off on the CPU, where it gave only
 1.02-1.08x, and on Apple GPUs until it is measured there. MLXKT_COMPILE=1/0 (or
@@ -50,6 +52,8 @@ class CompiledDecode:
 
         self.pre = mx.compile(pre)
         self.post = mx.compile(post)
+        # Traced once per cache buffer size (the valid length rides in `meta`).
+        self.kernel_attend = {}
 
     def __call__(self, x, mask, cache):
         """The layer's output, or None when this call is not a primed decode-sized step."""
@@ -63,7 +67,15 @@ class CompiledDecode:
             return None
         q_lat, q_pe, latent, k_pe = self.pre(x, mx.array(cache.offset))
         latent, k_pe = cache.update_and_fetch(latent, k_pe)  # [B, 1, S, *]
-        return self.post(self.attn.attend(q_lat, q_pe, latent, latent, k_pe, mask), x)
+        use = self.attn.decode_kernel(q_lat, q_pe, cache, mask)
+        if use is None:
+            return self.post(self.attn.attend(q_lat, q_pe, latent, latent, k_pe, mask), x)
+        backend, meta = use
+        if backend not in self.kernel_attend:
+            self.kernel_attend[backend] = mx.compile(
+                lambda q, qpe, kv, kpe, m: self.attn.kernel_attend(q, qpe, kv, kpe, m, backend))
+        out = self.kernel_attend[backend](q_lat, q_pe, cache.keys, cache.values, meta)
+        return self.post(out, x)
 
 
 def set_compiled_decode(model, on: bool = True) -> None:

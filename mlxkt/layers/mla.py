@@ -6,16 +6,19 @@ verification) the up-projections are absorbed into the query and the output, so 
 runs directly over the latent; for long prefills expanding K/V per head is cheaper.
 """
 
+from functools import lru_cache
 from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
 from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.rope_utils import apply_yarn_mscale, initialize_rope
 
 from ..config import ModelArgs
 from ..device import env_switch
-from ..kernels.dispatch import gpu_backend
+from ..kernels import mla_decode
+from ..kernels.dispatch import checked, gpu_backend, kernels_enabled, probe_tolerance
 from .cpu_heads import split_heads
 
 # Query lengths up to this use the absorbed path.
@@ -31,7 +34,30 @@ def explicit_small_l() -> bool:
     return gpu_backend() == "cuda" if forced is None else forced
 
 
+def decode_kernel_backend(forced: Optional[bool], length: int) -> Optional[str]:
+    """The GPU backend whose MLA decode kernels should run a step over `length` keys, or None.
+    Off unless asked for (a layer's `mla_kernel`, or MLXKT_MLA_KERNEL=1), up to
+    mla_decode.max_keys: on an H200 they cut a decode step's kernels (309 -> 266 on the
+    bench slice) but decoded 0.95x as fast (benchmarks/RESULTS.md), and no Mac measured them."""
+    if forced is None:
+        forced = env_switch(mla_decode.ENV)
+    backend = gpu_backend() if kernels_enabled() else None
+    if backend is None or not forced:
+        return None
+    return backend if length <= mla_decode.max_keys(backend) else None
+
+
+@lru_cache(maxsize=None)
+def decode_kernel_ready(backend: str, signature) -> bool:
+    return checked(f"{backend} MLA decode", lambda: mla_decode.probe(backend, signature),
+                   probe_tolerance(signature[3]))
+
+
 class MLAttention(nn.Module):
+    # None: MLXKT_MLA_KERNEL decides (off when unset); False/True: never/on a GPU (a plain
+    # attribute, not a parameter: the bench's variants set it per engine).
+    mla_kernel: Optional[bool] = None
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.num_heads = H = args.num_attention_heads
@@ -112,6 +138,25 @@ class MLAttention(nn.Module):
             return mx.softmax(scores, axis=-1, precise=True) @ v
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pe_scores)
 
+    def decode_kernel(self, q_lat, q_pe, cache, mask):
+        """(backend, meta) when the MLA decode kernels take this step (cache already
+        updated), else None: one query token, no mask, a plain KVCache."""
+        if mask is not None or q_lat.shape[2] != 1 or type(cache) is not KVCache:
+            return None
+        backend = decode_kernel_backend(self.mla_kernel, cache.offset)
+        kv, kpe = cache.keys, cache.values
+        if backend is None or mla_decode.unsupported(q_lat, q_pe, kv, kpe):
+            return None
+        H, R, P = q_lat.shape[1], q_lat.shape[-1], q_pe.shape[-1]
+        if not decode_kernel_ready(backend, (H, R, P, q_lat.dtype, kv.dtype)):
+            return None
+        return backend, mla_decode.decode_meta(cache.offset, kv.shape[2], H)
+
+    def kernel_attend(self, q_lat, q_pe, kv, kpe, meta, backend):
+        # q_lat: [B, H, 1, r], kv / kpe: the whole cache buffers [B, 1, SM, *] -> [B, H, 1, r]
+        scale = mla_decode.scale_array(self.scale)
+        return mla_decode.mla_decode(q_lat, q_pe, kv, kpe, meta, scale, backend)
+
     def absorbed_output(self, out: mx.array) -> mx.array:
         # out: [B, H, L, r] over the latent -> [B, L, D]
         B, _, L, _ = out.shape
@@ -125,7 +170,12 @@ class MLAttention(nn.Module):
             q_lat, q_pe, latent, k_pe = self.absorbed_queries(x, offset)
             if cache is not None:
                 latent, k_pe = cache.update_and_fetch(latent, k_pe)  # [B, 1, S, *]
-            return self.absorbed_output(self.attend(q_lat, q_pe, latent, latent, k_pe, mask))
+            use = self.decode_kernel(q_lat, q_pe, cache, mask)
+            if use is not None:
+                out = self.kernel_attend(q_lat, q_pe, cache.keys, cache.values, use[1], use[0])
+            else:
+                out = self.attend(q_lat, q_pe, latent, latent, k_pe, mask)
+            return self.absorbed_output(out)
 
         # Long prefill: expanding K/V per head is cheaper than absorbing.
         q_nope, q_pe, latent, k_pe = self.project(x, offset)
