@@ -41,8 +41,10 @@ def decode_kernel_backend(forced: Optional[bool], length: int) -> Optional[str]:
     bench slice) but decoded 0.95x as fast (benchmarks/RESULTS.md), and no Mac measured them."""
     if forced is None:
         forced = env_switch(mla_decode.ENV)
+    if not forced:  # the default: no further checks on every step
+        return None
     backend = gpu_backend() if kernels_enabled() else None
-    if backend is None or not forced:
+    if backend is None:
         return None
     return backend if length <= mla_decode.max_keys(backend) else None
 
