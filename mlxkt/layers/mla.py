@@ -38,7 +38,8 @@ def decode_kernel_backend(forced: Optional[bool], length: int) -> Optional[str]:
     """The GPU backend whose MLA decode kernels should run a step over `length` keys, or None.
     Off unless asked for (a layer's `mla_kernel`, or MLXKT_MLA_KERNEL=1), up to
     mla_decode.max_keys: on an H200 they cut a decode step's kernels (309 -> 266 on the
-    bench slice) but decoded 0.95x as fast (benchmarks/RESULTS.md), and no Mac measured them."""
+    bench slice) but decoded at 0.95-1.07x, within the noise (benchmarks/RESULTS.md), and no
+    Mac has measured them."""
     if forced is None:
         forced = env_switch(mla_decode.ENV)
     if not forced:  # the default: no further checks on every step
@@ -146,8 +147,10 @@ class MLAttention(nn.Module):
         if mask is not None or q_lat.shape[2] != 1 or type(cache) is not KVCache:
             return None
         backend = decode_kernel_backend(self.mla_kernel, cache.offset)
+        if backend is None:
+            return None
         kv, kpe = cache.keys, cache.values
-        if backend is None or mla_decode.unsupported(q_lat, q_pe, kv, kpe):
+        if mla_decode.unsupported(q_lat, q_pe, kv, kpe):
             return None
         H, R, P = q_lat.shape[1], q_lat.shape[-1], q_pe.shape[-1]
         if not decode_kernel_ready(backend, (H, R, P, q_lat.dtype, kv.dtype)):
