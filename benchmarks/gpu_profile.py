@@ -22,6 +22,7 @@ import typer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
+from mlxkt.bench.variants import apply_variant  # noqa: E402
 
 from mlxkt.bench import measure  # noqa: E402
 from mlxkt.bench.synth import slice_config, write_model_in_child  # noqa: E402
@@ -114,8 +115,11 @@ def main(layers: int = 8, experts: int = 32, context: int = 1024, tokens: int = 
     path = write_model_in_child(Path(workdir) / f"synth-dsv3-{layers}l-{experts}e-4b", config)
     made = {"mlxkt": measure.mlxkt_engine, "mlx-lm": measure.mlx_lm_engine}
     result = {"context": context, "copy_gbps": measure.copy_bandwidth(int(2e9)), "engines": {}}
-    for name in engines.split(","):
-        e = made[name](path)
+    for name in engines.split(","):  # "mlxkt+VARIANT" applies a bench variant
+        base, _, variant = name.partition("+")
+        e = made[base](path)
+        if variant:
+            apply_variant(e, variant)
         t0 = time.perf_counter()
         measure.time_decode(e, 64, 4)  # warm-up: compiles kernels
         r = {"warmup_s": time.perf_counter() - t0,

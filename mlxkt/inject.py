@@ -81,10 +81,7 @@ class KernelMoE(nn.Module):
     def __call__(self, x):
         # x: [B, L, D] -> [B, L, D]
         inds, scores = ROUTERS[self.router](self, x)
-        y = self.switch_mlp(x, inds, scores)
-        if "shared_experts" in self:
-            y = y + self.shared_experts(x)
-        return y
+        return self.switch_mlp(x, inds, scores, self.get("shared_experts"))
 
 
 def _class_name(module) -> str:

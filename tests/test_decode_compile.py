@@ -48,7 +48,18 @@ def test_compiled_steps_equal_eager(config):
     assert all(layer.compiled_decode is None for layer in model.layers)
 
 
-def test_compiled_mtp_greedy_identical():
+@pytest.fixture
+def cpu_device():
+    old = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(old)
+
+
+def test_compiled_mtp_greedy_identical(cpu_device):
+    # On the CPU device also on a GPU machine: there the 2-token verify steps and the 1-token
+    # steps use different float32 matmul kernels, and this random model's greedy choice
+    # flipped once the short prompt prefilled as 1-token steps (H200, 2026-11-26).
     model = attach_random_mtp(deepseek_tiny())
     plain = [t for t, *_ in generate_step(PROMPT[0], model, max_tokens=20, mtp=False)]
     set_compiled_decode(model)

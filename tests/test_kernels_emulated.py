@@ -13,7 +13,9 @@ import pytest
 from mlxkt.kernels import dispatch, emulate, moe
 from mlxkt.kernels.dispatch import KernelFallbackWarning, routed_experts
 from mlxkt.kernels.moe import fused_routed_experts
-from mlxkt.kernels.probe import random_problem, relative_error
+from mlxkt.kernels.dispatch import probe_tolerance
+from mlxkt.kernels.probe import (random_problem, random_shared_expert, reference_float32,
+                                 relative_error, shared_reference)
 from mlxkt.kernels.reference import routed_experts_reference
 
 pytestmark = pytest.mark.skipif(not emulate.available(), reason="needs g++ (C++20)")
@@ -110,3 +112,103 @@ def test_dispatch_runs_the_kernel_through_its_probe(monkeypatch):
     assert y.shape == (1, 2, 128)
     want = fused_routed_experts(x, inds, scores, gate, up, down, "cpu")
     assert mx.array_equal(y.reshape(2, 128), want)
+
+
+# --- the shared expert inside the routed kernels' launches, x read in its own type --------
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("N,bits,gs", [
+    (1, (4, 4), (64, 64)),
+    (2, (8, 4), (32, 128)),
+    (3, (2, 8), (64, 32)),
+])
+def test_emulated_shared_expert_rides_along(N, bits, gs, dtype):
+    x, inds, scores, gate, up, down = random_problem(256, 128, N, 4, 6, bits, gs, dtype=dtype,
+                                                     seed=N)
+    shared = random_shared_expert(gate, up, down, seed=N)
+    ref = reference_float32(x, inds, scores, gate, up, down)
+    with_shared = ref + shared_reference(x, shared, float32=True)
+    tol = tolerance(bits[1], {}) if dtype == mx.float32 else probe_tolerance(dtype)
+    y = fused_routed_experts(x, inds, scores, gate, up, down, "cpu")
+    assert relative_error(y, ref) < tol  # without it (bf16 x: the raw 16-bit reads)
+    y = fused_routed_experts(x, inds, scores, gate, up, down, "cpu", shared)
+    assert not np.isnan(np.array(y.astype(mx.float32))).any()
+    assert relative_error(y, with_shared) < tol
+    assert relative_error(ref, with_shared) > 10 * tol  # the shared part is not negligible
+
+
+def test_dispatch_fuses_a_shared_expert_of_one_experts_shape(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    monkeypatch.setattr(dispatch, "gpu_backend", lambda: "cpu")
+    seen = []
+    real = dispatch.fused_routed_experts
+    monkeypatch.setattr(dispatch, "fused_routed_experts",
+                        lambda *a, **k: seen.append(a[7] if len(a) > 7 else None) or real(*a, **k))
+    dispatch.kernel_ready.cache_clear()
+    x, inds, scores, gate, up, down = random_problem(128, 64, 2, 2, 4)
+    shared = random_shared_expert(gate, up, down)
+    *_, gate2, up2, down2 = random_problem(128, 128, 2, 2, 4, seed=5)
+    wide = random_shared_expert(gate2, up2, down2)  # 128 hidden units: not one expert's shape
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", KernelFallbackWarning)
+            fused = routed_experts(x, inds, scores, gate, up, down, shared=shared)
+            apart = routed_experts(x, inds, scores, gate, up, down, shared=shared,
+                                   fuse_shared=False)
+            routed = routed_experts(x, inds, scores, gate, up, down)
+            with_wide = routed_experts(x, inds, scores, gate, up, down, shared=wide)
+    finally:
+        dispatch.kernel_ready.cache_clear()
+    assert seen == [shared, None, None, None]
+    assert relative_error(fused, apart) < 1e-5
+    assert mx.allclose(apart, routed + shared(x))
+    assert mx.allclose(with_wide, routed + wide(x))
+
+
+def quantized_tiny():
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchLinear
+    from tiny_models import deepseek_tiny
+
+    model = deepseek_tiny()
+    nn.quantize(model, group_size=64, bits=4,
+                class_predicate=lambda p, m: isinstance(m, (nn.Linear, SwitchLinear))
+                and m.weight.shape[-1] % 64 == 0)
+    mx.eval(model.parameters())
+    return model
+
+
+def test_model_decodes_the_same_through_the_emulated_moe_kernels(monkeypatch):
+    """A 4-bit tiny DeepSeek-V3 decoding with the router and routed-expert kernels (shared
+    expert inside them), emulated, against plain MLX ops."""
+    from mlxkt.kernels import router
+    def greedy(model, steps=3):
+        cache = model.make_cache()
+        logits = model(mx.array([[5, 17, 3, 99, 42]]), cache=cache)[:, -1]
+        out = [logits]
+        for _ in range(steps):
+            logits = model(logits.argmax(-1)[:, None], cache=cache)[:, -1]
+            out.append(logits)
+        return mx.stack(out)
+
+    model = quantized_tiny()
+    monkeypatch.setenv(dispatch.ENV, "0")
+    plain = greedy(model)
+    monkeypatch.delenv(dispatch.ENV)
+    monkeypatch.setattr(dispatch, "gpu_backend", lambda: "cpu")
+    monkeypatch.setattr(router, "gpu_backend", lambda: "cpu")
+    seen = []
+    real = dispatch.fused_routed_experts
+    monkeypatch.setattr(dispatch, "fused_routed_experts",
+                        lambda *a, **k: seen.append(a[7] is not None) or real(*a, **k))
+    dispatch.kernel_ready.cache_clear()
+    router.router_ready.cache_clear()
+    try:
+        with mx.stream(mx.cpu):
+            fast = greedy(model)
+    finally:
+        dispatch.kernel_ready.cache_clear()
+        router.router_ready.cache_clear()
+    assert seen == [True] * 2 * 4  # 2 MoE layers x (5-token prefill + 3 one-token steps)
+    assert mx.array_equal(fast.argmax(-1), plain.argmax(-1))
+    assert relative_error(fast, plain) < 1e-4

@@ -8,7 +8,8 @@ from mlxkt.kernels import dispatch
 from mlxkt.kernels.dispatch import gpu_backend, routed_experts
 from mlxkt.kernels.moe import fused_routed_experts, launch_config
 from mlxkt.kernels.dispatch import probe_tolerance
-from mlxkt.kernels.probe import random_problem, reference_float32, relative_error
+from mlxkt.kernels.probe import (random_problem, random_shared_expert, reference_float32,
+                                 relative_error, shared_reference)
 from mlxkt.kernels.reference import routed_experts_reference
 
 pytestmark = [pytest.mark.gpu,
@@ -37,6 +38,27 @@ def check(D, I, N, K, E, bits, gs, dtype, repeat=True, seed=0, **cfg):
 @pytest.mark.parametrize("N,bits", [(n, 4) for n in range(1, 9)] + [(1, 8), (2, 8), (8, 8)])
 def test_deepseek_v3_shapes(N, bits):
     check(7168, 2048, N, 8, 16, (bits, bits), (64, 64), mx.bfloat16, seed=N)
+
+
+@pytest.mark.parametrize("N,bits,dtype", [(1, 4, mx.bfloat16), (4, 4, mx.bfloat16),
+                                          (8, 4, mx.float16), (2, 8, mx.bfloat16),
+                                          (1, 4, mx.float32)])
+def test_shared_expert_inside_the_launches(N, bits, dtype):
+    """DeepSeek-V3's shared expert (one routed expert's shape) in the same two kernels."""
+    backend = gpu_backend()
+    x, inds, scores, gate, up, down = random_problem(7168, 2048, N, 8, 16, (bits, bits),
+                                                     (64, 64), dtype=dtype, seed=N)
+    shared = random_shared_expert(gate, up, down, seed=N)
+    y = fused_routed_experts(x, inds, scores, gate, up, down, backend, shared)
+    y2 = fused_routed_experts(x, inds, scores, gate, up, down, backend, shared)
+    ref = reference_float32(x, inds, scores, gate, up, down) + shared_reference(x, shared, True)
+    native = routed_experts_reference(x, inds, scores, gate, up, down) + shared(x)
+    mx.eval(y, y2, ref, native)
+    assert mx.array_equal(y, y2)
+    err = relative_error(y, ref)
+    assert err < probe_tolerance(dtype), err
+    if dtype != mx.float32:
+        assert err <= 1.5 * relative_error(native, ref), err
 
 
 # The H100 sweep's fastest (2026-11-25): the default at <= 4 bits; the old one kept at 8 bits.

@@ -16,7 +16,10 @@ files; what pays off moves into the engine.
 - gemv / no-gemv: the dense quantized linear layers through mlxkt's GEMV kernel
                  (kernels/qgemv.py; the default on CUDA), or back on MLX's quantized matmul.
 - no-mla-kernel / mla-kernel: one-token decode attention without / with the MLA decode
-                 kernels (kernels/mla_decode.py; the default on CUDA up to its key limit).
+                 kernels (kernels/mla_decode.py; off by default, MLXKT_MLA_KERNEL=1).
+- no-fused-shared: the shared expert as its own linears again instead of inside the
+                 routed-expert kernels' launches (kernels/moe.py; the default where the
+                 kernels run and the shared expert has one routed expert's shape).
 - fused-proj:    projections that share their input as one linear each: q_a_proj with
                  kv_a_proj_with_mqa, and gate_proj with up_proj in the shared experts and
                  dense MLPs (rows concatenated, output split), so a decode step launches two
@@ -65,6 +68,12 @@ def _no_segments(engine: Engine):
     for m in engine.model.modules():
         if isinstance(m, RoutedExperts):
             m.segments = False
+
+
+def _no_fused_shared(engine: Engine):
+    for m in engine.model.modules():
+        if isinstance(m, RoutedExperts):
+            m.fuse_shared = False
 
 
 # Variants that change prefill too: the bench times their prefill (the others are decode-only).
@@ -149,6 +158,7 @@ VARIANTS = {
     "fused-proj": _fused_proj,
     "no-mla-kernel": _mla_kernel(False),
     "mla-kernel": _mla_kernel(True),
+    "no-fused-shared": _no_fused_shared,
 }
 
 

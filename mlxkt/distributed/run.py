@@ -107,10 +107,10 @@ class RecordRouting(nn.Module):
         self.inner = inner
         self.log = log  # a plain object: not a parameter
 
-    def __call__(self, x, inds, scores):
+    def __call__(self, x, inds, scores, shared=None):
         # inds: [..., K], evaluated by the forward itself; kept as is (no new lazy node)
         self.log.calls.append(inds)
-        return self.inner(x, inds, scores)
+        return self.inner(x, inds, scores, shared)
 
 
 def record_routing(model) -> RoutingLog:

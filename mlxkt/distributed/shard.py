@@ -141,16 +141,20 @@ class LocalExperts(nn.Module):
         self.lo, self.hi, self.strategy = lo, hi, strategy
         self.counter = counter  # benchmark hook
 
-    def __call__(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
-        # x: [..., D], inds/scores: [..., K] -> [..., D]
+    def __call__(self, x: mx.array, inds: mx.array, scores: mx.array,
+                 shared: Optional[nn.Module] = None) -> mx.array:
+        # x: [..., D], inds/scores: [..., K] -> [..., D] (+ this rank's part of the shared
+        # experts, as split by split_shared_experts)
         K, D = inds.shape[-1], x.shape[-1]
         idx = inds.reshape(-1, K)
         local = (idx >= self.lo) & (idx < self.hi)  # [N, K]
         if self.counter is not None:  # (tokens, this rank's pairs): a host sync, benchmarks only
             self.counter.append((idx.shape[0], local.sum().item()))
         if self.resolve(idx.shape[0]) == "compact":
-            return self._compact(x.reshape(-1, D), idx, scores.reshape(-1, K), local).reshape(x.shape)
-        return self._masked(x, idx, scores.reshape(-1, K), local, inds.shape)
+            y = self._compact(x.reshape(-1, D), idx, scores.reshape(-1, K), local).reshape(x.shape)
+        else:
+            y = self._masked(x, idx, scores.reshape(-1, K), local, inds.shape)
+        return y if shared is None else y + shared(x)
 
     def resolve(self, tokens: int) -> str:
         if self.strategy != "auto":

@@ -13,7 +13,8 @@ from typing import Optional
 import mlx.core as mx
 
 from ..device import env_switch
-from .moe import decode_sized, fused_max_pairs, fused_routed_experts, quant_params, unsupported
+from .moe import (decode_sized, fused_max_pairs, fused_routed_experts, quant_params,
+                  shared_unsupported, unsupported)
 from .reference import routed_experts_reference
 
 ENV = "MLXKT_KERNELS"
@@ -56,13 +57,16 @@ def _warn(message: str):
     warnings.warn(message, KernelFallbackWarning, stacklevel=3)
 
 
-def routed_experts(x, inds, scores, gate_proj, up_proj, down_proj):
-    """sum_k scores[..., k] * expert_{inds[..., k]}(x): fused kernels when they apply."""
+def routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, shared=None,
+                   fuse_shared=True):
+    """sum_k scores[..., k] * expert_{inds[..., k]}(x) (+ shared(x) when a shared-expert MLP
+    is given): fused kernels when they apply, the shared expert inside their launches when
+    it is shaped and quantized like one routed expert (and fuse_shared)."""
     # x: [..., D], inds/scores: [..., K] -> [..., D]
+    y = None
     if not kernels_enabled():
-        return routed_experts_reference(x, inds, scores, gate_proj, up_proj, down_proj)
-    backend = gpu_backend()
-    if backend is None:
+        pass
+    elif (backend := gpu_backend()) is None:
         _warn("mlxkt: no GPU kernels on the CPU device; the routed experts run as plain MLX ops")
     elif unsupported(x, inds, gate_proj, up_proj, down_proj) is not None:
         _warn("mlxkt: routed-expert kernels do not cover these weights or activations (they "
@@ -71,8 +75,16 @@ def routed_experts(x, inds, scores, gate_proj, up_proj, down_proj):
     elif not decode_sized(x, inds, fused_max_pairs(quant_params(gate_proj)[0])):
         pass  # prefill-sized batch: the reference path is the faster one
     elif kernel_ready(backend, _signature(x, inds, gate_proj, down_proj)):
-        return fused_routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, backend)
-    return routed_experts_reference(x, inds, scores, gate_proj, up_proj, down_proj)
+        fuse = (fuse_shared and shared is not None
+                and shared_unsupported(shared, gate_proj, down_proj) is None
+                and kernel_ready(backend, _signature(x, inds, gate_proj, down_proj, True)))
+        y = fused_routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, backend,
+                                 shared if fuse else None)
+        if fuse:
+            return y
+    if y is None:
+        y = routed_experts_reference(x, inds, scores, gate_proj, up_proj, down_proj)
+    return y if shared is None else y + shared(x)
 
 
 def quantized_linear(layer, x):
@@ -101,10 +113,10 @@ def gemv_ready(backend: str, signature) -> bool:
                    probe_tolerance(signature[5]))
 
 
-def _signature(x, inds, gate_proj, down_proj):
+def _signature(x, inds, gate_proj, down_proj, shared=False):
     return (x.shape[-1], gate_proj.weight.shape[-2], x.size // x.shape[-1], inds.shape[-1],
             quant_params(gate_proj), quant_params(down_proj), x.dtype,
-            gate_proj.scales.dtype, down_proj.scales.dtype)
+            gate_proj.scales.dtype, down_proj.scales.dtype, shared)
 
 
 @lru_cache(maxsize=None)

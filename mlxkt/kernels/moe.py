@@ -1,4 +1,6 @@
-"""The fused routed-expert MLP: two kernels, gate+up+SwiGLU then down+weights+sum.
+"""The fused routed-expert MLP: two kernels, gate+up+SwiGLU then down+weights+sum, and
+optionally the MoE block's shared expert in the same two launches (DeepSeek-V3/R1's one
+shared expert has the routed experts' width: it is walked as one more expert, weight 1).
 
 Shared by every backend: `kernel_fn(backend, spec)` returns mx.fast.metal_kernel /
 mx.fast.cuda_kernel objects (or the CPU emulation of the tests), all called the same way.
@@ -16,6 +18,7 @@ MAX_TOKENS = 8  # the kernels' limits
 MAX_PAIRS = 64
 TARGET_BLOCKS = 4096
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
+TYPE_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}  # the kernels' TK (x's type)
 
 
 def quant_params(layer):
@@ -108,35 +111,50 @@ def kernel_fn(backend: str, spec: sources.KernelSpec):
     )
 
 
-def chunk_major(x, bits):
-    """[N, D] -> [N, VPC/4, D/VPC, 4] float32 (VPC = 128/bits values per 16-byte chunk): the
-    layout in which a warp's lanes read their chunks' inputs with adjacent float4 loads."""
-    N, D = x.shape
-    vpc = 128 // bits
-    return x.reshape(N, D // vpc, vpc // 4, 4).transpose(0, 2, 1, 3).astype(mx.float32)
+def shared_unsupported(shared, gate_proj, down_proj) -> Optional[str]:
+    """Why a shared-expert MLP (gate_proj/up_proj/down_proj linears) cannot ride in the
+    routed kernels' launches (None when it can): it must be quantized and shaped like one
+    routed expert."""
+    projs = [shared.get(k) for k in ("gate_proj", "up_proj", "down_proj")]
+    if any(p is None or not hasattr(p, "scales") for p in projs):
+        return "shared expert not quantized"
+    q = [quant_params(p) for p in projs]
+    if q[0] != quant_params(gate_proj) or q[1] != q[0] or q[2] != quant_params(down_proj):
+        return "shared expert quantized unlike the routed experts"
+    if projs[0].weight.shape != gate_proj.weight.shape[1:] or \
+            projs[1].weight.shape != gate_proj.weight.shape[1:] or \
+            projs[2].weight.shape != down_proj.weight.shape[1:]:
+        return "shared expert shaped unlike one routed expert"
+    if projs[0].scales.dtype != gate_proj.scales.dtype or \
+            projs[1].scales.dtype != gate_proj.scales.dtype or \
+            projs[2].scales.dtype != down_proj.scales.dtype:
+        return "shared expert's scales of another type"
+    return None
 
 
 @lru_cache(maxsize=256)
-def launches(D, I, N, K, quant_gu, quant_d, dtype, scale_gu, scale_d, idx_dtype, config=()):
+def launches(D, I, N, K, quant_gu, quant_d, dtype, scale_gu, scale_d, idx_dtype, config=(),
+             shared=False):
     """The static part of both kernel calls (templates, grids, outputs) for one signature,
     cached: decoding calls the same few signatures over and over."""
     (bits, gs), (bits_d, gs_d) = quant_gu, quant_d
     P = N * K
+    SH = int(shared)
     cfg = launch_config(D, I, bits, bits_d, pairs=P, **dict(config))
     nw, rt, rw, nw_b, rb = cfg["nw_a"], cfg["rt"], cfg["rw"], cfg["nw_b"], cfg["rb"]
     gate_up = dict(
         template=[("D", D), ("I", I), ("BITS", bits), ("GS", gs), ("NT", N), ("K", K),
                   ("NW", nw), ("RT", rt), ("RW", rw), ("SA", cfg["sa"]), ("BD", bits_d),
-                  ("ST", scale_gu), ("IT", idx_dtype)],
-        grid=(math.ceil(I / (nw * rt * rw)) * nw * 32, P, 1),
+                  ("ST", scale_gu), ("IT", idx_dtype), ("TK", TYPE_KIND[dtype]), ("SH", SH)],
+        grid=(math.ceil(I / (nw * rt * rw)) * nw * 32, P + SH, 1),
         threadgroup=(nw * 32, 1, 1),
-        output_shapes=[(P, I), (1 + P + P * N,), (P * N,)],
+        output_shapes=[(P + SH * N, I), (1 + P + P * N,), (P * N,)],
         output_dtypes=[mx.float32, mx.int32, mx.float32],
     )
     down = dict(
         template=[("D", D), ("I", I), ("BITS", bits_d), ("GS", gs_d), ("NT", N), ("K", K),
                   ("NW", nw_b), ("RB", rb), ("UE", cfg["ue"]), ("SB", cfg["sb"]),
-                  ("T", dtype), ("ST", scale_d), ("DQ", cfg["dq"])],
+                  ("T", dtype), ("ST", scale_d), ("DQ", cfg["dq"]), ("SH", SH)],
         grid=(math.ceil(D / (nw_b * rb)) * nw_b * 32, 1, 1),
         threadgroup=(nw_b * 32, 1, 1),
         output_shapes=[(N, D)],
@@ -145,8 +163,14 @@ def launches(D, I, N, K, quant_gu, quant_d, dtype, scale_gu, scale_d, idx_dtype,
     return bits, gate_up, down
 
 
-def fused_stages(x, inds, scores, gate_proj, up_proj, down_proj, backend, **config):
-    """(h, plan, uw) of stage 1 and y of stage 2, for x [N, D], inds/scores [N, K]."""
+def _arrays(layer):
+    return [layer.weight, layer.scales, layer.biases]
+
+
+def fused_stages(x, inds, scores, gate_proj, up_proj, down_proj, backend, shared=None,
+                 **config):
+    """(h, plan, uw) of stage 1 and y of stage 2, for x [N, D], inds/scores [N, K]; with
+    `shared` (an MLP that shared_unsupported accepts) y includes shared(x)."""
     N, D = x.shape
     K = inds.shape[-1]
     idx = inds.reshape(-1)
@@ -156,20 +180,23 @@ def fused_stages(x, inds, scores, gate_proj, up_proj, down_proj, backend, **conf
     bits, gate_up, down = launches(
         D, gate_proj.weight.shape[-2], N, K, quant_params(gate_proj), quant_params(down_proj),
         x.dtype, gate_proj.scales.dtype, down_proj.scales.dtype, idx.dtype,
-        tuple(sorted(config.items())))
+        tuple(sorted(config.items())), shared is not None)
+    # Without a shared expert the routed arrays stand in for its inputs (never read).
+    sh = shared if shared is not None else {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}
     h, plan, uw = kernel_fn(backend, sources.GATE_UP)(
-        inputs=[chunk_major(x, bits), idx, sc, gate_proj.weight, gate_proj.scales,
-                gate_proj.biases, up_proj.weight, up_proj.scales, up_proj.biases],
+        inputs=[x, idx, sc, *_arrays(gate_proj), *_arrays(up_proj),
+                *_arrays(sh["gate_proj"]), *_arrays(sh["up_proj"])],
         **gate_up)
     (y,) = kernel_fn(backend, sources.DOWN)(
-        inputs=[h, plan, uw, down_proj.weight, down_proj.scales, down_proj.biases], **down)
+        inputs=[h, plan, uw, *_arrays(down_proj), *_arrays(sh["down_proj"])], **down)
     return (h, plan, uw), y
 
 
-def fused_routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, backend, **config):
-    """sum_k scores[..., k] * expert_{inds[..., k]}(x) with the two fused kernels."""
+def fused_routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, backend, shared=None,
+                         **config):
+    """sum_k scores[..., k] * expert_{inds[..., k]}(x) (+ shared(x)) with the two kernels."""
     # x: [..., D], inds/scores: [..., K] -> [..., D] (x.dtype)
     lead, K, D = inds.shape[:-1], inds.shape[-1], x.shape[-1]
     _, y = fused_stages(x.reshape(-1, D), inds.reshape(-1, K), scores.reshape(-1, K),
-                        gate_proj, up_proj, down_proj, backend, **config)
+                        gate_proj, up_proj, down_proj, backend, shared, **config)
     return y.reshape(*lead, D)

@@ -3,6 +3,7 @@
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
@@ -47,6 +48,36 @@ def random_problem(D, I, N, K, E, bits=(4, 4), group_size=(64, 64), dtype=mx.flo
     return x, mx.array(inds.astype(np.uint32)), scores, gate, up, down
 
 
+def random_shared_expert(gate, up, down, seed=0):
+    """A shared-expert MLP (layers.moe.MLP of nn.QuantizedLinear) quantized and shaped like one
+    expert of gate/up/down."""
+    from ..layers.moe import MLP  # the layers import the kernels
+
+    keys = mx.random.split(mx.random.key(seed + 1000), 3)
+    mlp = MLP(1, 1)
+    for name, like, key in zip(("gate_proj", "up_proj", "down_proj"), (gate, up, down), keys):
+        E, out_dims, words = like.weight.shape
+        one = random_switch_linear(1, out_dims, words * 32 // like.bits, like.bits,
+                                   like.group_size, like.scales.dtype, key)
+        lin = nn.QuantizedLinear(like.group_size, 1, bias=False, group_size=like.group_size,
+                                 bits=like.bits)
+        lin.weight, lin.scales, lin.biases = one.weight[0], one.scales[0], one.biases[0]
+        setattr(mlp, name, lin)
+    return mlp
+
+
+def shared_reference(x, shared, float32=False):
+    """shared(x) (a random_shared_expert), or the same on float32 inputs and scales."""
+    if not float32:
+        return shared(x)
+
+    def run(lin, v):
+        return mx.quantized_matmul(v.astype(mx.float32), lin.weight, lin.scales.astype(mx.float32),
+                                   lin.biases.astype(mx.float32), transpose=True,
+                                   group_size=lin.group_size, bits=lin.bits)
+    return run(shared.down_proj, nn.silu(run(shared.gate_proj, x)) * run(shared.up_proj, x))
+
+
 def float32_copy(layer):
     """The same quantized layer with float32 scales and biases (the weights are shared)."""
     copy = QuantizedSwitchLinear(layer.group_size, 1, 1, bias=False, group_size=layer.group_size,
@@ -74,10 +105,13 @@ def relative_error(a, b) -> float:
 
 def probe(backend, signature) -> float:
     """Relative error of the kernels against the reference on random data of this signature."""
-    D, I, N, K, (bg, gg), (bd, gd), dtype, sdt, _ = signature
+    D, I, N, K, (bg, gg), (bd, gd), dtype, sdt, _, with_shared = signature
     x, inds, scores, gate, up, down = random_problem(
         D, I, N, K, E=K + 1, bits=(bg, bd), group_size=(gg, gd), dtype=dtype, scale_dtype=sdt)
-    y = fused_routed_experts(x, inds, scores, gate, up, down, backend)
+    shared = random_shared_expert(gate, up, down) if with_shared else None
+    y = fused_routed_experts(x, inds, scores, gate, up, down, backend, shared)
     ref = reference_float32(x, inds, scores, gate, up, down)
+    if shared is not None:
+        ref = ref + shared_reference(x, shared, float32=True)
     mx.eval(y, ref)
     return relative_error(y, ref)

@@ -115,12 +115,11 @@ def launch(cfg: GateConfig, N: int, block=None):
 
 def fused_route(logits, bias, gate_cfg: GateConfig, backend: str, block=None):
     """(inds, weights) of the routing with the kernel: logits [..., E] -> [..., K] each
-    (int32 experts by decreasing choice, float32 weights). bias [E] is read for noaux_tc."""
+    (int32 experts by decreasing choice, float32 weights). bias [E] is read for noaux_tc.
+    The kernel reads logits of any float type (no conversion launch before it)."""
     E, K = logits.shape[-1], gate_cfg.top_k
     lead = logits.shape[:-1]
     x = logits.reshape(-1, E)
-    if x.dtype != mx.float32:
-        x = x.astype(mx.float32)
     if gate_cfg.biased:
         b = bias if bias.dtype == mx.float32 else bias.astype(mx.float32)
     else:
@@ -135,7 +134,7 @@ def _warn(message: str):
 
 
 def route(gate, logits):
-    """The fused routing of a DeepseekGate's float32 logits [..., E], or None: then the
+    """The fused routing of a DeepseekGate's float logits [..., E], or None: then the
     caller runs the reference (CPU, kernels off, prefill, unsupported, failed check)."""
     if not kernels_enabled():
         return None
@@ -150,15 +149,17 @@ def route(gate, logits):
         _warn(f"mlxkt: the fused router does not cover this gate ({why}); plain MLX ops route")
         return None
     bias = gate.get("e_score_correction_bias") if cfg.biased else None
-    if (cfg.biased and bias is None) or not router_ready(backend, cfg):
+    if (cfg.biased and bias is None) or not router_ready(backend, cfg, logits.dtype):
         return None
     return fused_route(logits, bias, cfg, backend)
 
 
 @lru_cache(maxsize=None)
-def router_ready(backend: str, cfg: GateConfig) -> bool:
-    """Build the kernel for one configuration and check it against the reference once."""
-    return checked(f"{backend} router", lambda: probe(backend, cfg), WEIGHT_TOLERANCE)
+def router_ready(backend: str, cfg: GateConfig, dtype=mx.float32) -> bool:
+    """Build the kernel for one configuration and logits type, check it against the
+    reference once."""
+    return checked(f"{backend} router", lambda: probe(backend, cfg, dtype=dtype),
+                   WEIGHT_TOLERANCE)
 
 
 # --- Checking: random problems, a float64 NumPy oracle, and the comparison ---------------
@@ -199,18 +200,19 @@ def route_numpy(logits, bias, cfg: GateConfig):
     return inds, w * cfg.routed_scaling_factor, margin
 
 
-def random_inputs(cfg: GateConfig, N: int, seed=0, min_margin=1e-4):
-    """Logits [N, E] and bias [E] (float32) whose routing is decided by gaps of at least
-    min_margin, so rounding differences cannot change the selection."""
+def random_inputs(cfg: GateConfig, N: int, seed=0, min_margin=1e-4, dtype=mx.float32):
+    """Logits [N, E] (dtype) and bias [E] (float32) whose routing is decided by gaps of at
+    least min_margin, so rounding differences cannot change the selection."""
     rng = np.random.default_rng(seed)
     E = cfg.n_experts
     bias = rng.uniform(-0.2, 0.2, E).astype(np.float32)
     rows = []
     while len(rows) < N:
         lg = (2.0 * rng.standard_normal((4 * N, E))).astype(np.float32)
+        lg = np.array(mx.array(lg).astype(dtype).astype(mx.float32))  # the values as stored
         _, _, margin = route_numpy(lg, bias, cfg)
         rows += list(lg[margin >= min_margin])
-    return mx.array(np.stack(rows[:N])), mx.array(bias)
+    return mx.array(np.stack(rows[:N])).astype(dtype), mx.array(bias)
 
 
 def route_error(inds, weights, ref_inds, ref_weights) -> float:
@@ -229,13 +231,13 @@ def route_error(inds, weights, ref_inds, ref_weights) -> float:
     return float(np.max(np.abs(wa - wb) / np.maximum(np.abs(wb), 1e-30)))
 
 
-def probe(backend: str, cfg: GateConfig, N: int = 5, block=None) -> float:
-    """route_error of the kernel against the reference on random logits."""
+def probe(backend: str, cfg: GateConfig, N: int = 5, block=None, dtype=mx.float32) -> float:
+    """route_error of the kernel against the reference on random logits of type dtype."""
     from ..layers.moe import route_reference  # the layers import this module
 
-    logits, bias = random_inputs(cfg, N)
+    logits, bias = random_inputs(cfg, N, dtype=dtype)
     inds, weights = fused_route(logits, bias, cfg, backend, block)
-    ref = route_reference(logits, bias if cfg.biased else None, cfg)
+    ref = route_reference(logits.astype(mx.float32), bias if cfg.biased else None, cfg)
     mx.eval(inds, weights, *ref)
     return route_error(inds, weights, *ref)
 

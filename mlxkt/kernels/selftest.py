@@ -11,7 +11,8 @@ import numpy as np
 
 from .dispatch import gpu_backend, kernels_enabled, probe_tolerance
 from .moe import decode_sized, fused_routed_experts, unsupported
-from .probe import random_problem, reference_float32, relative_error
+from .probe import (random_problem, random_shared_expert, reference_float32, relative_error,
+                    shared_reference)
 from .reference import routed_experts_reference
 from .mla_decode import selftest as mla_selftest
 from .qgemv import selftest as gemv_selftest
@@ -50,20 +51,34 @@ def routings(E, N, K, count, seed=1):
     return [(mx.array(i.astype(np.uint32)), mx.array(s)) for i, s in zip(inds, scores)]
 
 
-def run_case(backend, name, bits, N, experts=None, dtype=mx.bfloat16):
+def run_case(backend, name, bits, N, experts=None, dtype=mx.bfloat16, shared=False):
+    """One shape; with shared, plus a shared expert of one routed expert's shape (DeepSeek-V3),
+    inside the kernels' launches against the reference + the shared MLP's own linears."""
     D, I, E, K = SHAPES[name]
     E = experts or E
     x, inds, scores, gate, up, down = random_problem(
         D, I, N, K, E, bits=(bits, bits), group_size=(64, 64), dtype=dtype, repeat=False)
-    row = {"shape": name, "bits": bits, "tokens": N, "experts": E, "top_k": K}
+    row = {"shape": name + ("+shared" if shared else ""), "bits": bits, "tokens": N,
+           "experts": E, "top_k": K}
+    sh = random_shared_expert(gate, up, down) if shared else None
+
+    def fused(a, b, c):
+        return fused_routed_experts(a, b, c, gate, up, down, backend, sh)
+
+    def native_path(a, b, c):
+        y = routed_experts_reference(a, b, c, gate, up, down)
+        return y if sh is None else y + sh(a)
+
     why = unsupported(x, inds, gate, up, down) or (
         None if decode_sized(x, inds) else "beyond the decode kernels' 8 tokens / 64 pairs")
     if why:
         return {**row, "status": "skip", "why": why}
     try:
-        y = fused_routed_experts(x, inds, scores, gate, up, down, backend)
-        native = routed_experts_reference(x, inds, scores, gate, up, down)
+        y = fused(x, inds, scores)
+        native = native_path(x, inds, scores)
         ref = reference_float32(x, inds, scores, gate, up, down)  # upcast inputs
+        if sh is not None:
+            ref = ref + shared_reference(x, sh, float32=True)
         mx.eval(y, native, ref)
     except Exception as e:
         return {**row, "status": "FAIL", "why": f"{type(e).__name__}: {e}"}
@@ -74,9 +89,8 @@ def run_case(backend, name, bits, N, experts=None, dtype=mx.bfloat16):
                reference_rel_error=relative_error(native, ref),
                status="pass" if err < probe_tolerance(dtype) else "FAIL")
     sets = [(x, i, s) for i, s in routings(E, N, K, 8)]
-    fused_s = median_time(
-        lambda a, b, c: fused_routed_experts(a, b, c, gate, up, down, backend), sets)
-    ref_s = median_time(lambda a, b, c: routed_experts_reference(a, b, c, gate, up, down), sets)
+    fused_s = median_time(fused, sets)
+    ref_s = median_time(native_path, sets)
     row.update(fused_us=fused_s * 1e6, reference_us=ref_s * 1e6, speedup=ref_s / fused_s)
     return row
 
@@ -92,20 +106,24 @@ def selftest(shapes=None, bits=(4, 8), tokens=(1, 4), experts=None, echo=print):
     rows = []
     echo("errors are relative to the reference on float32-upcast inputs; 'ref err' is the "
          "reference's own, in the model's dtype")
-    echo(f"{'shape':14} {'bits':>4} {'tok':>3} {'status':>6} {'rel err':>9} {'max err':>9} "
+    echo(f"{'shape':18} {'bits':>4} {'tok':>3} {'status':>6} {'rel err':>9} {'max err':>9} "
          f"{'ref err':>9} {'fused us':>9} {'ref us':>9} {'speedup':>7}")
-    for name in shapes or SHAPES:
+    cases = [(name, False) for name in shapes or SHAPES]
+    if "deepseek-v3" in (shapes or SHAPES):
+        cases.append(("deepseek-v3", True))
+    for name, shared in cases:
         for b in bits:
             for n in tokens:
-                r = run_case(backend, name, b, n, experts)
+                r = run_case(backend, name, b, n, experts, shared=shared)
                 rows.append(r)
+                label = r["shape"]
                 if r["status"] in ("pass", "FAIL") and "fused_us" in r:
-                    echo(f"{name:14} {b:>4} {n:>3} {r['status']:>6} {r['rel_error']:9.2e} "
+                    echo(f"{label:18} {b:>4} {n:>3} {r['status']:>6} {r['rel_error']:9.2e} "
                          f"{r['max_abs_error']:9.2e} {r['reference_rel_error']:9.2e} "
                          f"{r['fused_us']:9.1f} "
                          f"{r['reference_us']:9.1f} {r['speedup']:6.2f}x")
                 else:
-                    echo(f"{name:14} {b:>4} {n:>3} {r['status']:>6}  {r.get('why', '')}")
+                    echo(f"{label:18} {b:>4} {n:>3} {r['status']:>6}  {r.get('why', '')}")
                 mx.clear_cache()
     rows += router_selftest(backend, echo)
     rows += gemv_selftest(backend, echo)

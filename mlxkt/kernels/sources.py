@@ -33,14 +33,16 @@ class KernelSpec:
 GATE_UP = KernelSpec(
     name="mlxkt_moe_gate_up",
     body="moe_gate_up.inc",
-    inputs=("x", "inds", "scores", "wg", "sg", "bg", "wu", "su", "bu"),
+    inputs=("x", "inds", "scores", "wg", "sg", "bg", "wu", "su", "bu",
+            "wsg", "ssg", "bsg", "wsu", "ssu", "bsu"),
     outputs=("h", "plan", "uw"),
+    raw16=(("TK", "x"),),
 )
 
 DOWN = KernelSpec(
     name="mlxkt_moe_down",
     body="moe_down.inc",
-    inputs=("h", "plan", "uw", "wd", "sd", "bd"),
+    inputs=("h", "plan", "uw", "wd", "sd", "bd", "wsd", "ssd", "bsd"),
     outputs=("y",),
 )
 

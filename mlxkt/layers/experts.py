@@ -22,6 +22,8 @@ class RoutedExperts(nn.Module):
     # None: segmented prefill when use_segments says so; False: never (a plain attribute, not
     # a parameter; mlxkt.bench's "no-segments" variant sets it on one engine only).
     segments: Optional[bool] = None
+    # False: the shared expert never rides in the kernels' launches ("no-fused-shared").
+    fuse_shared: bool = True
 
     def __init__(self, dims: int, hidden_dims: int, num_experts: int):
         super().__init__()
@@ -29,13 +31,18 @@ class RoutedExperts(nn.Module):
         self.up_proj = SwitchLinear(dims, hidden_dims, num_experts, bias=False)
         self.down_proj = SwitchLinear(hidden_dims, dims, num_experts, bias=False)
 
-    def __call__(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, inds: mx.array, scores: mx.array,
+                 shared: Optional[nn.Module] = None) -> mx.array:
+        """The routed experts' weighted sum, plus shared(x) when the block has a shared
+        expert (on a GPU at decode, computed inside the routed kernels' launches)."""
         # x: [..., D], inds/scores: [..., K] -> [..., D]
         projs = (self.gate_proj, self.up_proj, self.down_proj)
-        y = None
         if self.segments is not False and use_segments(x, inds, *projs):
             y = segmented_experts(x, inds, scores, *projs)  # None inside mx.compile
-        return routed_experts(x, inds, scores, *projs) if y is None else y
+            if y is not None:
+                return y if shared is None else y + shared(x)
+        return routed_experts(x, inds, scores, *projs, shared=shared,
+                              fuse_shared=self.fuse_shared)
 
     @classmethod
     def wrap(cls, gate_proj, up_proj, down_proj) -> "RoutedExperts":

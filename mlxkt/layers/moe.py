@@ -46,11 +46,11 @@ class DeepseekGate(nn.Module):
 
     def __call__(self, x):
         # x: [..., D] -> inds [..., K] (int), weights [..., K] (float32)
-        logits = (x @ self.weight.T).astype(mx.float32)
+        logits = x @ self.weight.T
         fused = route(self, logits)  # one kernel on a GPU for decode-sized batches
         if fused is not None:
             return fused
-        return route_reference(logits, self.get("e_score_correction_bias"), self)
+        return route_reference(logits.astype(mx.float32), self.get("e_score_correction_bias"), self)
 
 
 def route_reference(logits, bias, cfg):
@@ -98,10 +98,7 @@ class DeepseekMoE(nn.Module):
 
     def __call__(self, x):
         inds, weights = self.gate(x)
-        y = self.switch_mlp(x, inds, weights)
-        if "shared_experts" in self:
-            y = y + self.shared_experts(x)
-        return y
+        return self.switch_mlp(x, inds, weights, self.get("shared_experts"))
 
 
 class MixtralMoE(nn.Module):
