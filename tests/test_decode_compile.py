@@ -155,3 +155,16 @@ def test_eager_decode_block_restores_the_state():
         assert was is True
         assert all(layer.compiled_decode is None for layer in model.layers)
     assert all(layer.compiled_decode is not None for layer in model.layers)
+
+
+def test_layers_share_one_position_array_per_step():
+    model = deepseek_tiny()
+    set_compiled_decode(model)
+    shared = {id(layer.compiled_decode.steps) for layer in model.layers}
+    assert len(shared) == 1
+    steps_obj = model.layers[0].compiled_decode.steps
+    made = []
+    real = steps_obj.get
+    steps_obj.get = lambda n, key, make: real(n, key, lambda: made.append((n, key)) or make())
+    steps(model, [[3], [9], [4], [12]])  # the first 1-token step primes (eager)
+    assert made == [(10, "offset"), (11, "offset"), (12, "offset")]  # one per step, not per layer

@@ -141,9 +141,10 @@ class MLAttention(nn.Module):
             return mx.softmax(scores, axis=-1, precise=True) @ v
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pe_scores)
 
-    def decode_kernel(self, q_lat, q_pe, cache, mask):
+    def decode_kernel(self, q_lat, q_pe, cache, mask, memo=None):
         """(backend, meta) when the MLA decode kernels take this step (cache already
-        updated), else None: one query token, no mask, a plain KVCache."""
+        updated), else None: one query token, no mask, a plain KVCache. memo(key, make), when
+        given, shares meta between the layers of a step (decode_compile.StepArrays)."""
         if mask is not None or q_lat.shape[2] != 1 or type(cache) is not KVCache:
             return None
         backend = decode_kernel_backend(self.mla_kernel, cache.offset)
@@ -155,7 +156,9 @@ class MLAttention(nn.Module):
         H, R, P = q_lat.shape[1], q_lat.shape[-1], q_pe.shape[-1]
         if not decode_kernel_ready(backend, (H, R, P, q_lat.dtype, kv.dtype)):
             return None
-        return backend, mla_decode.decode_meta(cache.offset, kv.shape[2], H)
+        def make():
+            return mla_decode.decode_meta(cache.offset, kv.shape[2], H)
+        return backend, make() if memo is None else memo(("meta", kv.shape[2], H), make)
 
     def kernel_attend(self, q_lat, q_pe, kv, kpe, meta, backend):
         # q_lat: [B, H, 1, r], kv / kpe: the whole cache buffers [B, 1, SM, *] -> [B, H, 1, r]
