@@ -46,6 +46,19 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture
+def cpu_device():
+    """Run on MLX's CPU device, also on a GPU machine: for tests that need exact float32
+    agreement between differently batched steps (on a GPU, a 1-token step and a 2-token
+    verify step use different matmul kernels and round differently)."""
+    import mlx.core as mx
+
+    old = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(old)
+
+
 @pytest.fixture(scope="session")
 def shared_fixture_dir() -> Path:
     """The trained tiny DeepSeek-V3 (../shared/fixtures/dsv3-code-tiny), or skip."""

@@ -48,14 +48,6 @@ def test_compiled_steps_equal_eager(config):
     assert all(layer.compiled_decode is None for layer in model.layers)
 
 
-@pytest.fixture
-def cpu_device():
-    old = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(old)
-
-
 def test_compiled_mtp_greedy_identical(cpu_device):
     # On the CPU device also on a GPU machine: there the 2-token verify steps and the 1-token
     # steps use different float32 matmul kernels, and this random model's greedy choice

@@ -15,15 +15,6 @@ from mlxkt.layers.experts import RoutedExperts
 from mlxkt.kernels.sources import read_source
 
 
-@pytest.fixture
-def cpu_device():
-    """Run on MLX's CPU device (also on a GPU machine), where the reference path is the rule."""
-    old = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(old)
-
-
 def dense(layer):
     """[E, out, in] float64 weights of a (quantized) switch layer."""
     if "scales" in layer:

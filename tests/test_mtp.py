@@ -36,7 +36,7 @@ def plain_greedy(model, prompt, n):
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 2, 3])
-def test_greedy_identical_to_plain(model, ahead, draft_tokens):
+def test_greedy_identical_to_plain(model, ahead, draft_tokens, cpu_device):
     plain = plain_greedy(model, PROMPT, 24)
     st = SpecStats()
     spec = [t for t, *_ in generate_step(PROMPT, model, max_tokens=24, draft_tokens=draft_tokens,
@@ -77,7 +77,7 @@ class OracleMTP:
 
 
 @pytest.mark.parametrize("mode", ["right", "wrong", "mixed"])
-def test_oracle_drafts(model, ahead, mode):
+def test_oracle_drafts(model, ahead, mode, cpu_device):
     n = 20
     plain = plain_greedy(model, PROMPT, n + 4)
     seq = PROMPT.tolist() + plain
