@@ -12,7 +12,7 @@ from mlxkt.loader import device_passes
 from mlxkt.layers.decode_compile import compile_default, eager_decode, set_compiled_decode
 from mlxkt.speculative import SpecStats
 from mlxkt.demo import DEMO_CONFIG
-from tiny_models import attach_random_mtp, deepseek_tiny, random_model
+from tiny_models import attach_random_mtp, deepseek_tiny, quantized_tiny, random_model
 
 PROMPT = mx.array([[5, 17, 99, 42, 7, 250, 31, 8, 19]])
 # DeepSeek-V2-Lite style: no q LoRA, softmax greedy routing.
@@ -91,20 +91,6 @@ def test_default_on_cuda_only_unless_asked(monkeypatch):
     assert not compile_default()
     monkeypatch.setenv("MLXKT_COMPILE", "1")
     assert compile_default()
-
-
-def quantized_tiny():
-    """The tiny V3 with 4-bit experts, shared experts and projections (float32 activations),
-    so that the fused expert and router kernels run inside the compiled graphs on a GPU."""
-    import mlx.nn as nn
-    from mlx_lm.models.switch_layers import SwitchLinear
-
-    model = deepseek_tiny()
-    nn.quantize(model, group_size=64, bits=4,
-                class_predicate=lambda p, m: isinstance(m, (nn.Linear, SwitchLinear))
-                and m.weight.shape[-1] % 64 == 0)
-    mx.eval(model.parameters())
-    return model
 
 
 @pytest.mark.gpu

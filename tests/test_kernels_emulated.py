@@ -165,23 +165,12 @@ def test_dispatch_fuses_a_shared_expert_of_one_experts_shape(monkeypatch):
     assert mx.allclose(with_wide, routed + wide(x))
 
 
-def quantized_tiny():
-    import mlx.nn as nn
-    from mlx_lm.models.switch_layers import SwitchLinear
-    from tiny_models import deepseek_tiny
-
-    model = deepseek_tiny()
-    nn.quantize(model, group_size=64, bits=4,
-                class_predicate=lambda p, m: isinstance(m, (nn.Linear, SwitchLinear))
-                and m.weight.shape[-1] % 64 == 0)
-    mx.eval(model.parameters())
-    return model
-
-
 def test_model_decodes_the_same_through_the_emulated_moe_kernels(monkeypatch):
     """A 4-bit tiny DeepSeek-V3 decoding with the router and routed-expert kernels (shared
     expert inside them), emulated, against plain MLX ops."""
     from mlxkt.kernels import router
+    from tiny_models import quantized_tiny
+
     def greedy(model, steps=3):
         cache = model.make_cache()
         logits = model(mx.array([[5, 17, 3, 99, 42]]), cache=cache)[:, -1]
