@@ -160,6 +160,7 @@ def test_dispatch_fuses_a_shared_expert_of_one_experts_shape(monkeypatch):
     finally:
         dispatch.kernel_ready.cache_clear()
     assert seen == [shared, None, None, None]
+    assert shared.fits_routed[1] and not wide.fits_routed[1]  # decided once per MLP
     assert relative_error(fused, apart) < 1e-5
     assert mx.allclose(apart, routed + shared(x))
     assert mx.allclose(with_wide, routed + wide(x))

@@ -75,8 +75,7 @@ def routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, shared=None,
     elif not decode_sized(x, inds, fused_max_pairs(quant_params(gate_proj)[0])):
         pass  # prefill-sized batch: the reference path is the faster one
     elif kernel_ready(backend, _signature(x, inds, gate_proj, down_proj)):
-        fuse = (fuse_shared and shared is not None
-                and shared_unsupported(shared, gate_proj, down_proj) is None
+        fuse = (fuse_shared and shared is not None and shared_fits(shared, gate_proj, down_proj)
                 and kernel_ready(backend, _signature(x, inds, gate_proj, down_proj, True)))
         y = fused_routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, backend,
                                  shared if fuse else None)
@@ -85,6 +84,17 @@ def routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, shared=None,
     if y is None:
         y = routed_experts_reference(x, inds, scores, gate_proj, up_proj, down_proj)
     return y if shared is None else y + shared(x)
+
+
+def shared_fits(shared, gate_proj, down_proj) -> bool:
+    """shared_unsupported(...) is None, kept on the shared MLP: eager decode asks every step,
+    and Module attribute reads are slow."""
+    key = (id(gate_proj), id(down_proj))
+    hit = shared.__dict__.get("fits_routed")
+    if hit is None or hit[0] != key:
+        hit = (key, shared_unsupported(shared, gate_proj, down_proj) is None)
+        shared.__dict__["fits_routed"] = hit  # a plain attribute: not a parameter
+    return hit[1]
 
 
 def quantized_linear(layer, x):

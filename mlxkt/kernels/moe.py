@@ -182,7 +182,8 @@ def fused_stages(x, inds, scores, gate_proj, up_proj, down_proj, backend, shared
         x.dtype, gate_proj.scales.dtype, down_proj.scales.dtype, idx.dtype,
         tuple(sorted(config.items())), shared is not None)
     # Without a shared expert the routed arrays stand in for its inputs (never read).
-    sh = shared if shared is not None else {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}
+    sh = shared if shared is not None else dict(gate_proj=gate_proj, up_proj=up_proj,
+                                                down_proj=down_proj)
     h, plan, uw = kernel_fn(backend, sources.GATE_UP)(
         inputs=[x, idx, sc, *_arrays(gate_proj), *_arrays(up_proj),
                 *_arrays(sh["gate_proj"]), *_arrays(sh["up_proj"])],
