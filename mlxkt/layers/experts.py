@@ -6,6 +6,8 @@ so mlx-lm conversions load unchanged. Three paths, chosen per call:
     touched expert (expert_segments.py; MLXKT_SEGMENTS=0 turns it off, =1 on, also on CPU);
   - otherwise mlxkt.kernels: fused Metal/CUDA kernels on a GPU for decode-sized batches,
     the plain-MLX reference (gather_qmm) for the rest.
+The block's shared expert, when given, is added to the result; the fused kernels compute it
+in their own launches when it has one routed expert's shape (DeepSeek-V3/R1).
 """
 
 from typing import Optional
