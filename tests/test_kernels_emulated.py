@@ -81,6 +81,8 @@ def test_emulated_swept_config(N, b):
     (320, 8, (4, 8), {"rw": 3, "rt": 2}),                # rows ragged inside a warp
     (1088, 2, (4, 4), {"nw": (4, 3)}),                   # stage-2 rows ragged in a block
     (1088, 2, (2, 2), {"rw": 4, "rt": 2, "rb": 4, "sb": 2}),
+    (320, 2, (4, 4), {"xc": 1}),                         # x as a float32 chunk-major copy
+    (1088, 8, (8, 4), {"xc": 1, "rw": 1}),
 ])
 def test_emulated_launch_variants(D, N, bits, cfg):
     """Other variants benchmarks/kernels.py --sweep times."""

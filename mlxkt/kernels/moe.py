@@ -64,14 +64,15 @@ def fused_max_pairs(bits) -> int:
 
 
 def launch_config(D, I, bits_gu, bits_d, pairs=1, nw=(4, 4), rt=None, rw=None, sa=None,
-                  rb=None, sb=None, ue=None, dq=None):
+                  rb=None, sb=None, ue=None, dq=None, xc=0):
     """Warps per block, rows per warp and 16-byte chunks in flight per lane (about 8 per
     matrix row: enough to cover memory latency without spilling registers).
 
     Keys (all optional, for benchmarks/kernels.py --sweep): nw (warps of stage 1, stage 2),
     rt (row tiles per stage-1 block), rw (gate/up row pairs per stage-1 warp at once), sa/sb
     (chunks per lane per load stage), rb (rows per stage-2 warp), ue (experts per stage-2
-    load step), dq (stage 2: 1 = one shift per 8/bits values, see kt_common.h).
+    load step), dq (stage 2: 1 = one shift per 8/bits values, see kt_common.h), xc (stage 1:
+    1 = x copied to float32 chunk-major first, the layout before 2026-11-26, for comparison).
     Defaults: the H100 sweep's fastest at 4 bits (rw 2; rb 8, dq 1, so ue 1); each stage at
     8 bits (not swept) keeps rw 1, resp. rb 2 and dq 0."""
 
@@ -82,8 +83,8 @@ def launch_config(D, I, bits_gu, bits_d, pairs=1, nw=(4, 4), rt=None, rw=None, s
     rw = rw or (2 if bits_gu <= 4 else 1)
     rb = rb or (8 if bits_d <= 4 else 2)
     dq = (1 if bits_d <= 4 else 0) if dq is None else dq
-    if dq not in (0, 1):
-        raise ValueError(f"dq must be 0 or 1 (got {dq!r})")
+    if dq not in (0, 1) or xc not in (0, 1):
+        raise ValueError(f"dq and xc must be 0 or 1 (got {dq!r}, {xc!r})")
     cpl_a = math.ceil(D // (128 // bits_gu) / 32)
     cpl_b = math.ceil(I // (128 // bits_d) / 32)
     sb = stage(cpl_b, sb or max(1, 8 // rb))
@@ -92,7 +93,7 @@ def launch_config(D, I, bits_gu, bits_d, pairs=1, nw=(4, 4), rt=None, rw=None, s
     rt = rt or max(1, math.ceil(I / (nw_a * rw)) * pairs // TARGET_BLOCKS)
     return {"nw_a": nw_a, "rt": rt, "rw": rw, "sa": stage(cpl_a, sa or max(1, 8 // rw)),
             "nw_b": max(2, nw[1]), "rb": rb, "sb": sb, "ue": ue or max(1, 8 // (rb * sb)),
-            "dq": dq}
+            "dq": dq, "xc": xc}
 
 
 @lru_cache(maxsize=None)
@@ -145,7 +146,8 @@ def launches(D, I, N, K, quant_gu, quant_d, dtype, scale_gu, scale_d, idx_dtype,
     gate_up = dict(
         template=[("D", D), ("I", I), ("BITS", bits), ("GS", gs), ("NT", N), ("K", K),
                   ("NW", nw), ("RT", rt), ("RW", rw), ("SA", cfg["sa"]), ("BD", bits_d),
-                  ("ST", scale_gu), ("IT", idx_dtype), ("TK", TYPE_KIND[dtype]), ("SH", SH)],
+                  ("ST", scale_gu), ("IT", idx_dtype), ("SH", SH), ("XC", cfg["xc"]),
+                  ("TK", 0 if cfg["xc"] else TYPE_KIND[dtype])],
         grid=(math.ceil(I / (nw * rt * rw)) * nw * 32, P + SH, 1),
         threadgroup=(nw * 32, 1, 1),
         output_shapes=[(P + SH * N, I), (1 + P + P * N,), (P * N,)],
@@ -161,6 +163,14 @@ def launches(D, I, N, K, quant_gu, quant_d, dtype, scale_gu, scale_d, idx_dtype,
         output_dtypes=[dtype],
     )
     return bits, gate_up, down
+
+
+def chunk_major(x, bits):
+    """[N, D] -> [N, VPC/4, D/VPC, 4] float32 (VPC = 128/bits values per 16-byte chunk): the
+    layout in which a warp's lanes read their chunks' inputs with adjacent float4 loads."""
+    N, D = x.shape
+    vpc = 128 // bits
+    return x.reshape(N, D // vpc, vpc // 4, 4).transpose(0, 2, 1, 3).astype(mx.float32)
 
 
 def _arrays(layer):
@@ -185,7 +195,8 @@ def fused_stages(x, inds, scores, gate_proj, up_proj, down_proj, backend, shared
     sh = shared if shared is not None else dict(gate_proj=gate_proj, up_proj=up_proj,
                                                 down_proj=down_proj)
     h, plan, uw = kernel_fn(backend, sources.GATE_UP)(
-        inputs=[x, idx, sc, *_arrays(gate_proj), *_arrays(up_proj),
+        inputs=[chunk_major(x, bits) if config.get("xc") else x, idx, sc,
+                *_arrays(gate_proj), *_arrays(up_proj),
                 *_arrays(sh["gate_proj"]), *_arrays(sh["up_proj"])],
         **gate_up)
     (y,) = kernel_fn(backend, sources.DOWN)(
