@@ -54,7 +54,11 @@ def test_experts_ranks_match_one_process_and_report_allsum(bench, workdir):
     assert all(c["median_us"] > 0 for c in calls.values())
     expected = sum(c["count"] * c["median_us"] for c in calls.values()) / 1e3
     assert experts["allsum_ms_per_token"] == pytest.approx(expected)
-    assert 0 < experts["allsum_share_of_decode"] < 1
+    # all_sums timed alone, against the measured step: on this shared 2-core machine a busy
+    # moment can push the alone-timing past the step (1.04 once in CI), so no upper bound
+    assert experts["allsum_share_of_decode"] == pytest.approx(
+        experts["allsum_ms_per_token"] * experts["decode_tps"] / 1e3)
+    assert experts["allsum_share_of_decode"] > 0
     # each rank reads less than the whole model per token; one process has no collectives
     b0, b1 = experts["bytes_per_token_per_rank"]
     assert b0 < single["bytes_per_token_per_rank"][0] and b1 < single["bytes_per_token_per_rank"][0]
