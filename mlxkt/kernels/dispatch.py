@@ -74,9 +74,9 @@ def routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, shared=None,
               "they run as plain MLX ops")
     elif not decode_sized(x, inds, fused_max_pairs(quant_params(gate_proj)[0])):
         pass  # prefill-sized batch: the reference path is the faster one
-    elif kernel_ready(backend, _signature(x, inds, gate_proj, down_proj)):
+    elif kernel_ready(backend, (sig := _signature(x, inds, gate_proj, down_proj))):
         fuse = (fuse_shared and shared is not None and shared_fits(shared, gate_proj, down_proj)
-                and kernel_ready(backend, _signature(x, inds, gate_proj, down_proj, True)))
+                and kernel_ready(backend, sig[:-1] + (True,)))  # the same, shared expert in
         y = fused_routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, backend,
                                  shared if fuse else None)
         if fuse:
