@@ -187,6 +187,14 @@ KT_FN float4 kt_axpy4(float s, float4 v, float4 acc) {
   return acc;
 }
 
+KT_FN float4 kt_mul4(float4 a, float4 b) {
+  a.x *= b.x;
+  a.y *= b.y;
+  a.z *= b.z;
+  a.w *= b.w;
+  return a;
+}
+
 KT_FN float4 kt_scale4(float s, float4 v) {
   v.x *= s;
   v.y *= s;

@@ -31,6 +31,7 @@ inline thread_local int tid = 0;
 #define KT_UNROLL
 #define KT_EXP(v) std::exp(v)
 #define KT_FMA(a, b, c) std::fma(a, b, c)
+#define KT_RSQRT(v) (1.0f / std::sqrt(v))
 
 inline float KT_AS_FLOAT(uint32_t u) {
   float f;

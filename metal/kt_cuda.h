@@ -7,6 +7,7 @@
 #define KT_AS_FLOAT(u) __uint_as_float(u)
 #define KT_EXP(v) expf(v)
 #define KT_FMA(a, b, c) fmaf(a, b, c)
+#define KT_RSQRT(v) rsqrtf(v)
 
 // Sum of v over the 32 lanes of a warp; every lane gets the sum.
 KT_FN float kt_warp_sum(float v) {

@@ -7,6 +7,7 @@
 #define KT_AS_FLOAT(u) as_type<float>(u)
 #define KT_EXP(v) metal::exp(v)
 #define KT_FMA(a, b, c) metal::fma(a, b, c)
+#define KT_RSQRT(v) metal::rsqrt(v)
 
 // Sum of v over the 32 lanes of a simdgroup; every lane gets the sum.
 KT_FN float kt_warp_sum(float v) {

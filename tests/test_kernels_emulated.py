@@ -139,6 +139,50 @@ def test_emulated_shared_expert_rides_along(N, bits, gs, dtype):
     assert relative_error(ref, with_shared) > 10 * tol  # the shared part is not negligible
 
 
+@pytest.mark.parametrize("with_shared", [False, True])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_emulated_stage_2_adds_the_residual(with_shared, dtype):
+    x, inds, scores, gate, up, down = random_problem(256, 128, 2, 4, 6, (4, 4), (64, 64),
+                                                     dtype=dtype, seed=3)
+    shared = random_shared_expert(gate, up, down, seed=3) if with_shared else None
+    res = (5 * mx.random.normal(x.shape, key=mx.random.key(4))).astype(dtype)
+    ref = reference_float32(x, inds, scores, gate, up, down) + res.astype(mx.float32)
+    if shared is not None:
+        ref = ref + shared_reference(x, shared, float32=True)
+    y = fused_routed_experts(x, inds, scores, gate, up, down, "cpu", shared, res)
+    assert y.dtype == dtype and not np.isnan(np.array(y.astype(mx.float32))).any()
+    tol = tolerance(4, {}) if dtype == mx.float32 else probe_tolerance(dtype)
+    assert relative_error(y, ref) < tol
+    assert relative_error(y - res.astype(y.dtype), ref) > 10 * tol  # it was added
+
+
+def test_dispatch_adds_the_residual_inside_or_after(monkeypatch):
+    """routed_experts(..., residual): inside stage 2 when nothing else is left to add,
+    after the kernels when a shared expert stays outside them."""
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    monkeypatch.setattr(dispatch, "gpu_backend", lambda: "cpu")
+    seen = []
+    real = dispatch.fused_routed_experts
+    monkeypatch.setattr(dispatch, "fused_routed_experts",
+                        lambda *a, **k: seen.append(a[8] is not None) or real(*a, **k))
+    dispatch.kernel_ready.cache_clear()
+    x, inds, scores, gate, up, down = random_problem(128, 64, 2, 2, 4)
+    shared = random_shared_expert(gate, up, down)
+    res = mx.random.normal(x.shape, key=mx.random.key(2))
+    try:
+        inside = routed_experts(x, inds, scores, gate, up, down, shared=shared, residual=res)
+        after = routed_experts(x, inds, scores, gate, up, down, shared=shared,
+                               fuse_shared=False, residual=res)
+        plain = routed_experts(x, inds, scores, gate, up, down, residual=res)
+    finally:
+        dispatch.kernel_ready.cache_clear()
+    assert seen == [True, False, True]
+    ref = routed_experts_reference(x, inds, scores, gate, up, down) + res
+    assert relative_error(plain, ref) < 1e-4
+    assert relative_error(inside, ref + shared(x)) < 1e-4
+    assert relative_error(after, ref + shared(x)) < 1e-4
+
+
 def test_dispatch_fuses_a_shared_expert_of_one_experts_shape(monkeypatch):
     monkeypatch.delenv(dispatch.ENV, raising=False)
     monkeypatch.setattr(dispatch, "gpu_backend", lambda: "cpu")
@@ -202,5 +246,58 @@ def test_model_decodes_the_same_through_the_emulated_moe_kernels(monkeypatch):
         dispatch.kernel_ready.cache_clear()
         router.router_ready.cache_clear()
     assert seen == [True] * 2 * 4  # 2 MoE layers x (5-token prefill + 3 one-token steps)
+    assert mx.array_equal(fast.argmax(-1), plain.argmax(-1))
+    assert relative_error(fast, plain) < 1e-4
+
+
+def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch):
+    """The compiled decode step (run uncompiled, so the emulated kernels can run in it) hands
+    the input and q_a RMSNorms to the GEMV kernel and both residuals to the o_proj GEMV and
+    stage 2 of the expert kernels; its logits match plain MLX ops."""
+    from mlxkt.inject import optimize
+    from mlxkt.kernels import qgemv, router
+    from mlxkt.layers.decode_compile import set_compiled_decode
+    from tiny_models import quantized_tiny
+
+    def greedy(model, steps=3):
+        cache = model.make_cache()
+        logits = model(mx.array([[5, 17, 3, 99, 42]]), cache=cache)[:, -1]
+        out = [logits]
+        for _ in range(steps):
+            logits = model(logits.argmax(-1)[:, None], cache=cache)[:, -1]
+            out.append(logits)
+        return mx.stack(out)
+
+    model = quantized_tiny()
+    monkeypatch.setenv(dispatch.ENV, "0")
+    plain = greedy(model)
+    monkeypatch.delenv(dispatch.ENV)
+    for mod in (dispatch, router):
+        monkeypatch.setattr(mod, "gpu_backend", lambda: "cpu")
+    folds, residuals = [], []
+    real_gemv, real_moe = qgemv.quantized_gemv, dispatch.fused_routed_experts
+    monkeypatch.setattr(qgemv, "quantized_gemv", lambda x, layer, b, norm=None, residual=None:
+                        folds.append((layer.weight.shape[0], norm is not None, residual is not None))
+                        or real_gemv(x, layer, b, norm, residual))
+    monkeypatch.setattr(dispatch, "fused_routed_experts",
+                        lambda *a, **k: residuals.append(a[8] is not None) or real_moe(*a, **k))
+    optimize(model, linears=True)
+    set_compiled_decode(model, True)
+    for ready in (dispatch.kernel_ready, dispatch.gemv_ready, router.router_ready):
+        ready.cache_clear()
+    mx.disable_compile()
+    try:
+        with mx.stream(mx.cpu):
+            fast = greedy(model)
+    finally:
+        mx.enable_compile()
+        for ready in (dispatch.kernel_ready, dispatch.gemv_ready, router.router_ready):
+            ready.cache_clear()
+    attn = model.layers[0].self_attn
+    q_a, kv_a, q_b = (attn.q_a_proj.weight.shape[0], attn.kv_a_proj_with_mqa.weight.shape[0],
+                      attn.q_b_proj.weight.shape[0])
+    o = attn.o_proj.weight.shape[0]
+    assert {(q_a, True, False), (kv_a, True, False), (q_b, True, False), (o, False, True)} <= set(folds)
+    assert True in residuals  # the MoE layers' residual inside stage 2
     assert mx.array_equal(fast.argmax(-1), plain.argmax(-1))
     assert relative_error(fast, plain) < 1e-4

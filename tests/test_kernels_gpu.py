@@ -61,6 +61,23 @@ def test_shared_expert_inside_the_launches(N, bits, dtype):
         assert err <= 1.5 * relative_error(native, ref), err
 
 
+@pytest.mark.parametrize("N", [1, 2])
+def test_residual_added_by_stage_2(N):
+    """The decode step's MoE residual inside stage 2, with the shared expert inside too."""
+    backend = gpu_backend()
+    x, inds, scores, gate, up, down = random_problem(7168, 2048, N, 8, 16, (4, 4), (64, 64),
+                                                     dtype=mx.bfloat16, seed=N)
+    shared = random_shared_expert(gate, up, down, seed=N)
+    res = (4 * mx.random.normal(x.shape, key=mx.random.key(11))).astype(mx.bfloat16)
+    y = fused_routed_experts(x, inds, scores, gate, up, down, backend, shared, res)
+    ref = (reference_float32(x, inds, scores, gate, up, down)
+           + shared_reference(x, shared, True) + res.astype(mx.float32))
+    native = routed_experts_reference(x, inds, scores, gate, up, down) + shared(x) + res
+    err = relative_error(y, ref)
+    assert err < probe_tolerance(mx.bfloat16), err
+    assert err <= 1.5 * relative_error(native, ref), err
+
+
 # The H100 sweep's fastest (2026-11-25): the default at <= 4 bits; the old one kept at 8 bits.
 SWEPT = {"rw": 2, "rb": 8, "dq": 1}
 OLD = {"rw": 1, "rb": 2, "dq": 0}

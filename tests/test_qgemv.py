@@ -55,10 +55,82 @@ def test_emulated_kernel_unpacks_16_bit_inputs(dtype):
     assert err <= 1.5 * relative_error(qgemv.reference(x, layer), float32_reference(x, layer))
 
 
+def random_norm(D, dtype, seed=0, eps=1e-6):
+    norm = nn.RMSNorm(D, eps=eps)
+    norm.weight = (1 + 0.5 * mx.random.normal((D,), key=mx.random.key(seed))).astype(dtype)
+    return norm
+
+
+@emulated
+@pytest.mark.parametrize("O,D,N,dtype,gdtype,norm_on,res_on,cfg", [
+    (20, 256, 1, mx.float32, mx.float32, True, False, {}),
+    (13, 1088, 3, mx.float32, mx.bfloat16, True, True, {"nw": 2}),   # rows end mid-pieces
+    (9, 512, 2, mx.bfloat16, mx.bfloat16, True, True, {}),           # raw 16-bit x and g
+    (7, 512, 8, mx.float16, mx.float32, False, True, {}),
+    (33, 2048, 2, mx.float32, mx.float16, True, False, {"nw": 3, "rpw": 3}),
+])
+def test_emulated_kernel_folds_norm_and_residual(O, D, N, dtype, gdtype, norm_on, res_on, cfg):
+    """y = W rms_norm(x, g) + res in one launch, against the same steps in MLX ops."""
+    layer = qgemv.random_linear(O, D, 4, 64, mx.float32, seed=N)
+    x = (4 * mx.random.normal((N, D), key=mx.random.key(N))).astype(dtype)  # not unit scale
+    norm = random_norm(D, gdtype, seed=N, eps=1e-3) if norm_on else None
+    res = mx.random.normal((N, O), key=mx.random.key(9)).astype(dtype) if res_on else None
+    y = qgemv.quantized_gemv(x, layer, "cpu", norm, res, **cfg)
+    assert y.dtype == dtype and not np.isnan(np.array(y.astype(mx.float32))).any()
+    f32 = lambda a: None if a is None else a.astype(mx.float32)
+    ref = qgemv.reference(f32(x), layer, norm, f32(res))
+    tol = 3e-5 if dtype == mx.float32 else probe_tolerance(dtype)
+    assert relative_error(y, ref) < tol
+    # Each part matters: without it the result is far off.
+    if norm_on:
+        assert relative_error(qgemv.reference(f32(x), layer, None, f32(res)), ref) > 10 * tol
+    if res_on:
+        assert relative_error(qgemv.reference(f32(x), layer, norm), ref) > 10 * tol
+
+
+@emulated
+def test_dispatch_folds_only_plain_rms_norms(monkeypatch):
+    """quantized_linear hands an nn.RMSNorm to the kernel; another norm runs first, in MLX."""
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    monkeypatch.setattr(dispatch, "gpu_backend", lambda: "cpu")
+    seen = []
+    real = qgemv.quantized_gemv
+    monkeypatch.setattr(qgemv, "quantized_gemv",
+                        lambda x, layer, backend, norm=None, residual=None:
+                        seen.append(norm) or real(x, layer, backend, norm, residual))
+    layer = qgemv.random_linear(16, 256, 4, 64, mx.float32)
+    x = mx.random.normal((1, 256))
+    norm, layer_norm = random_norm(256, mx.float32), nn.LayerNorm(256)
+    dispatch.gemv_ready.cache_clear()
+    try:
+        dispatch.quantized_linear(layer, x, norm)  # the one-time probes call the kernel too
+        dispatch.quantized_linear(layer, x, layer_norm)
+        seen.clear()
+        y1 = dispatch.quantized_linear(layer, x, norm)
+        y2 = dispatch.quantized_linear(layer, x, layer_norm)
+    finally:
+        dispatch.gemv_ready.cache_clear()
+    assert seen == [norm, None]
+    assert relative_error(y1, qgemv.reference(x, layer, norm)) < 3e-5
+    assert relative_error(y2, qgemv.reference(layer_norm(x), layer)) < 3e-5
+
+
+def test_norm_linear_on_plain_layers():
+    """Layers the kernel does not take compute norm, product and residual in steps."""
+    from mlxkt.layers.qlinear import norm_linear
+
+    lin, norm = nn.Linear(64, 8), random_norm(64, mx.float32)
+    x, r = mx.random.normal((2, 64)), mx.random.normal((2, 8))
+    assert mx.allclose(norm_linear(lin, x, norm, r), r + lin(norm(x)))
+    assert mx.allclose(norm_linear(lin, x), lin(x))
+
+
 @emulated
 def test_selftest_rows_on_the_emulation():
     rows = qgemv.selftest("cpu", echo=lambda *a: None, tokens=(1, 2), shapes={"small": (40, 512)})
-    assert [(r["tokens"], r["status"]) for r in rows] == [(1, "pass"), (2, "pass")]
+    assert [(r["shape"], r["tokens"], r["status"]) for r in rows] == [
+        ("small", 1, "pass"), ("small", 2, "pass"),
+        ("small +norm+res", 1, "pass"), ("small +norm+res", 2, "pass")]
 
 
 def test_launch_config_limits():
@@ -119,6 +191,28 @@ def test_gpu_kernel_at_deepseek_shapes(O, D, N):
     assert err < probe_tolerance(mx.bfloat16)
     assert err <= 1.5 * relative_error(qgemv.reference(x, layer), ref)
     assert mx.array_equal(y, qgemv.quantized_gemv(x, layer, gpu_backend()))  # deterministic
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_backend() is None, reason="needs a Metal or CUDA GPU")
+@pytest.mark.parametrize("O,D", [(1536, 7168), (576, 7168), (24576, 1536), (7168, 16384)])
+@pytest.mark.parametrize("N", [1, 2])
+def test_gpu_kernel_folds_norm_and_residual(O, D, N):
+    """The decode step's folds at DeepSeek-V3 shapes: input/q_a norms before q_a, kv_a and
+    q_b, the residual after o_proj."""
+    layer = qgemv.random_linear(O, D, 4, 64, mx.bfloat16, seed=N)
+    x = (3 * mx.random.normal((N, D), key=mx.random.key(N))).astype(mx.bfloat16)
+    norm = random_norm(D, mx.bfloat16, seed=N)
+    res = mx.random.normal((N, O), key=mx.random.key(5)).astype(mx.bfloat16)
+    f32 = lambda a: a.astype(mx.float32)
+    f32_layer = qgemv._float32_copy(layer)
+    for n, r in ((norm, None), (None, res), (norm, res)):
+        y = qgemv.quantized_gemv(x, layer, gpu_backend(), n, r)
+        ref = qgemv.reference(f32(x), f32_layer, n, None if r is None else f32(r))
+        native = qgemv.reference(x, layer, n, r)  # MLX's ops in bf16
+        err = relative_error(y, ref)
+        assert err < probe_tolerance(mx.bfloat16), err
+        assert err <= 1.5 * relative_error(native, ref), err
 
 
 @pytest.mark.gpu

@@ -20,6 +20,9 @@ files; what pays off moves into the engine.
 - no-fused-shared: the shared expert as its own linears again instead of inside the
                  routed-expert kernels' launches (kernels/moe.py; the default where the
                  kernels run and the shared expert has one routed expert's shape).
+- no-fold:       the RMSNorms before the q/kv projections and the residual adds as their own
+                 kernels again, not folded into the GEMV and expert kernels' launches
+                 (layers/decode_compile.py; the default on CUDA since 2026-11-26).
 - fused-proj:    projections that share their input as one linear each: q_a_proj with
                  kv_a_proj_with_mqa, and gate_proj with up_proj in the shared experts and
                  dense MLPs (rows concatenated, output split), so a decode step launches two
@@ -34,8 +37,9 @@ import mlx.nn as nn
 from ..layers.decode_compile import set_compiled_decode
 from ..layers.experts import RoutedExperts
 from ..kernels.qgemv import linear_like
-from ..layers.mla import ABSORB_MAX_L
+from ..layers.mla import ABSORB_MAX_L, MLAttention
 from ..layers.moe import MLP
+from ..layers.qlinear import norm_linear
 from .measure import Engine
 
 
@@ -116,7 +120,7 @@ def concat_linears(a, b):
 
 
 def _split_by(fused, n: int):
-    return lambda x: tuple(mx.split(fused(x), [n], axis=-1))
+    return lambda x, norm=None: tuple(mx.split(norm_linear(fused, x, norm), [n], axis=-1))
 
 
 def _fused_proj(engine: Engine):
@@ -136,6 +140,12 @@ def _fused_proj(engine: Engine):
                 mlp.gate_up = _split_by(fused, mlp.gate_proj.weight.shape[0])
                 made.append(fused)
     mx.eval([m.parameters() for m in made])  # held by the closures, not the model
+
+
+def _no_fold(engine: Engine):
+    for m in engine.model.modules():
+        if isinstance(m, MLAttention):
+            m.fold_norms = False
 
 
 def _mla_kernel(on: bool):
@@ -159,6 +169,7 @@ VARIANTS = {
     "no-mla-kernel": _mla_kernel(False),
     "mla-kernel": _mla_kernel(True),
     "no-fused-shared": _no_fused_shared,
+    "no-fold": _no_fold,
 }
 
 

@@ -58,11 +58,12 @@ def _warn(message: str):
 
 
 def routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, shared=None,
-                   fuse_shared=True):
+                   fuse_shared=True, residual=None):
     """sum_k scores[..., k] * expert_{inds[..., k]}(x) (+ shared(x) when a shared-expert MLP
-    is given): fused kernels when they apply, the shared expert inside their launches when
-    it is shaped and quantized like one routed expert (and fuse_shared)."""
-    # x: [..., D], inds/scores: [..., K] -> [..., D]
+    is given) (+ residual): fused kernels when they apply, the shared expert inside their
+    launches when it is shaped and quantized like one routed expert (and fuse_shared), the
+    residual too when the shared expert is inside or absent."""
+    # x: [..., D], inds/scores: [..., K], residual: [..., D] -> [..., D]
     y = None
     if not kernels_enabled():
         pass
@@ -77,13 +78,20 @@ def routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, shared=None,
     elif kernel_ready(backend, (sig := _signature(x, inds, gate_proj, down_proj))):
         fuse = (fuse_shared and shared is not None and shared_fits(shared, gate_proj, down_proj)
                 and kernel_ready(backend, sig[:-1] + (True,)))  # the same, shared expert in
+        inside = shared is None or fuse  # nothing left to add after the kernels
+        res = residual is not None and inside and kernel_ready(
+            backend, sig[:-1] + (fuse, True))  # the same, residual added by stage 2
         y = fused_routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, backend,
-                                 shared if fuse else None)
-        if fuse:
+                                 shared if fuse else None, residual if res else None)
+        if inside and (res or residual is None):
             return y
+        if fuse:
+            shared = None
     if y is None:
         y = routed_experts_reference(x, inds, scores, gate_proj, up_proj, down_proj)
-    return y if shared is None else y + shared(x)
+    if shared is not None:
+        y = y + shared(x)
+    return y if residual is None else residual + y
 
 
 def shared_fits(shared, gate_proj, down_proj) -> bool:
@@ -97,8 +105,10 @@ def shared_fits(shared, gate_proj, down_proj) -> bool:
     return hit[1]
 
 
-def quantized_linear(layer, x):
-    """layer(x) for an nn.QuantizedLinear: the dense GEMV kernel for 1 to 8 rows on a GPU."""
+def quantized_linear(layer, x, norm=None, residual=None):
+    """layer(x) for an nn.QuantizedLinear: the dense GEMV kernel for 1 to 8 rows on a GPU.
+    With an nn.RMSNorm `norm` and/or a `residual`: layer(norm(x)) + residual, the norm and
+    the add inside the kernel's launch when it runs (two kernels fewer at decode)."""
     from . import qgemv
 
     if kernels_enabled() and qgemv.decode_sized(x):
@@ -108,11 +118,15 @@ def quantized_linear(layer, x):
             _warn("mlxkt: the quantized GEMV kernel does not cover some linear layers (it "
                   "takes affine 2/4/8-bit weights with group 32/64/128 and float "
                   "activations); they run as plain MLX ops")
-        elif not why and gemv_ready(backend, (layer.weight.shape[0], x.shape[-1],
-                                              x.size // x.shape[-1], layer.bits,
-                                              layer.group_size, x.dtype, layer.scales.dtype)):
-            return qgemv.quantized_gemv(x, layer, backend)
-    return qgemv.reference(x, layer)
+        elif not why:
+            sig = (layer.weight.shape[0], x.shape[-1], x.size // x.shape[-1], layer.bits,
+                   layer.group_size, x.dtype, layer.scales.dtype)
+            if norm is not None and not qgemv.fusable_norm(norm):
+                x, norm = norm(x), None
+            fused = (None if norm is None else (norm.weight.dtype, norm.eps), residual is not None)
+            if gemv_ready(backend, sig + fused if any(fused) else sig):
+                return qgemv.quantized_gemv(x, layer, backend, norm, residual)
+    return qgemv.reference(x, layer, norm, residual)
 
 
 @lru_cache(maxsize=None)

@@ -135,7 +135,7 @@ def shared_unsupported(shared, gate_proj, down_proj) -> Optional[str]:
 
 @lru_cache(maxsize=256)
 def launches(D, I, N, K, quant_gu, quant_d, dtype, scale_gu, scale_d, idx_dtype, config=(),
-             shared=False):
+             shared=False, res=False):
     """The static part of both kernel calls (templates, grids, outputs) for one signature,
     cached: decoding calls the same few signatures over and over."""
     (bits, gs), (bits_d, gs_d) = quant_gu, quant_d
@@ -156,7 +156,8 @@ def launches(D, I, N, K, quant_gu, quant_d, dtype, scale_gu, scale_d, idx_dtype,
     down = dict(
         template=[("D", D), ("I", I), ("BITS", bits_d), ("GS", gs_d), ("NT", N), ("K", K),
                   ("NW", nw_b), ("RB", rb), ("UE", cfg["ue"]), ("SB", cfg["sb"]),
-                  ("T", dtype), ("ST", scale_d), ("DQ", cfg["dq"]), ("SH", SH)],
+                  ("T", dtype), ("ST", scale_d), ("DQ", cfg["dq"]), ("SH", SH),
+                  ("RES", int(res))],
         grid=(math.ceil(D / (nw_b * rb)) * nw_b * 32, 1, 1),
         threadgroup=(nw_b * 32, 1, 1),
         output_shapes=[(N, D)],
@@ -178,9 +179,10 @@ def _arrays(layer):
 
 
 def fused_stages(x, inds, scores, gate_proj, up_proj, down_proj, backend, shared=None,
-                 **config):
+                 residual=None, **config):
     """(h, plan, uw) of stage 1 and y of stage 2, for x [N, D], inds/scores [N, K]; with
-    `shared` (an MLP that shared_unsupported accepts) y includes shared(x)."""
+    `shared` (an MLP that shared_unsupported accepts) y includes shared(x), with `residual`
+    [N, D] y includes it too."""
     N, D = x.shape
     K = inds.shape[-1]
     idx = inds.reshape(-1)
@@ -190,7 +192,7 @@ def fused_stages(x, inds, scores, gate_proj, up_proj, down_proj, backend, shared
     bits, gate_up, down = launches(
         D, gate_proj.weight.shape[-2], N, K, quant_params(gate_proj), quant_params(down_proj),
         x.dtype, gate_proj.scales.dtype, down_proj.scales.dtype, idx.dtype,
-        tuple(sorted(config.items())), shared is not None)
+        tuple(sorted(config.items())), shared is not None, residual is not None)
     # Without a shared expert the routed arrays stand in for its inputs (never read).
     sh = shared if shared is not None else dict(gate_proj=gate_proj, up_proj=up_proj,
                                                 down_proj=down_proj)
@@ -199,16 +201,21 @@ def fused_stages(x, inds, scores, gate_proj, up_proj, down_proj, backend, shared
                 *_arrays(gate_proj), *_arrays(up_proj),
                 *_arrays(sh["gate_proj"]), *_arrays(sh["up_proj"])],
         **gate_up)
+    if residual is not None and residual.dtype != x.dtype:
+        residual = residual.astype(x.dtype)
     (y,) = kernel_fn(backend, sources.DOWN)(
-        inputs=[h, plan, uw, *_arrays(down_proj), *_arrays(sh["down_proj"])], **down)
+        inputs=[h, plan, uw, *_arrays(down_proj), *_arrays(sh["down_proj"]),
+                x if residual is None else residual], **down)
     return (h, plan, uw), y
 
 
 def fused_routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, backend, shared=None,
-                         **config):
-    """sum_k scores[..., k] * expert_{inds[..., k]}(x) (+ shared(x)) with the two kernels."""
-    # x: [..., D], inds/scores: [..., K] -> [..., D] (x.dtype)
+                         residual=None, **config):
+    """sum_k scores[..., k] * expert_{inds[..., k]}(x) (+ shared(x)) (+ residual) with the
+    two kernels."""
+    # x: [..., D], inds/scores: [..., K], residual: [..., D] -> [..., D] (x.dtype)
     lead, K, D = inds.shape[:-1], inds.shape[-1], x.shape[-1]
+    res = None if residual is None else residual.reshape(-1, D)
     _, y = fused_stages(x.reshape(-1, D), inds.reshape(-1, K), scores.reshape(-1, K),
-                        gate_proj, up_proj, down_proj, backend, shared, **config)
+                        gate_proj, up_proj, down_proj, backend, shared, res, **config)
     return y.reshape(*lead, D)

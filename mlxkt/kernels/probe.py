@@ -104,14 +104,18 @@ def relative_error(a, b) -> float:
 
 
 def probe(backend, signature) -> float:
-    """Relative error of the kernels against the reference on random data of this signature."""
-    D, I, N, K, (bg, gg), (bd, gd), dtype, sdt, _, with_shared = signature
+    """Relative error of the kernels against the reference on random data of this signature
+    (its optional last flag: a residual added by stage 2)."""
+    D, I, N, K, (bg, gg), (bd, gd), dtype, sdt, _, with_shared, *rest = signature
     x, inds, scores, gate, up, down = random_problem(
         D, I, N, K, E=K + 1, bits=(bg, bd), group_size=(gg, gd), dtype=dtype, scale_dtype=sdt)
     shared = random_shared_expert(gate, up, down) if with_shared else None
-    y = fused_routed_experts(x, inds, scores, gate, up, down, backend, shared)
+    residual = mx.random.normal(x.shape, key=mx.random.key(7)).astype(dtype) if rest and rest[0] else None
+    y = fused_routed_experts(x, inds, scores, gate, up, down, backend, shared, residual)
     ref = reference_float32(x, inds, scores, gate, up, down)
     if shared is not None:
         ref = ref + shared_reference(x, shared, float32=True)
+    if residual is not None:
+        ref = ref + residual.astype(mx.float32)
     mx.eval(y, ref)
     return relative_error(y, ref)

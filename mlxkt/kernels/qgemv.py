@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from . import sources
 from .moe import FLOAT_TYPES, MAX_TOKENS, kernel_fn
@@ -64,15 +65,23 @@ def launch_config(O, D, bits, gs, tokens=1, nw=None, rpw=None, wp=None, sa=None)
     return {"nw": nw, "rpw": rpw, "wp": wp, "sa": min(sa or 1, ppt)}
 
 
+def float_bits(v: float) -> int:
+    """The bits of v as a float32, as an int (how a float rides in a kernel's template)."""
+    return int(np.array(v, np.float32).view(np.int32))
+
+
 @lru_cache(maxsize=256)
-def launch(O, D, N, bits, gs, dtype, scale_dtype, config=()):
+def launch(O, D, N, bits, gs, dtype, scale_dtype, config=(), norm=None, res=False):
+    """norm: (g's dtype, epsilon) when x is RMS-normalised inside the kernel."""
     cfg = launch_config(O, D, bits, gs, N, **dict(config))
     nw, rpw = cfg["nw"], cfg["rpw"]
     tk = TYPE_KIND[dtype]
+    gk, eps = (TYPE_KIND[norm[0]], float_bits(norm[1])) if norm else (tk, 0)
     return dict(
         template=[("O", O), ("D", D), ("BITS", bits), ("GS", gs), ("NT", N), ("NW", nw),
                   ("RPW", rpw), ("WP", cfg["wp"]), ("SA", cfg["sa"]), ("TK", tk),
-                  ("T", dtype), ("ST", scale_dtype)],
+                  ("T", dtype), ("ST", scale_dtype), ("NRM", int(norm is not None)),
+                  ("GK", gk), ("EPS", eps), ("RES", int(res))],
         grid=(math.ceil(O / rpw) * nw * 32, 1, 1),
         threadgroup=(nw * 32, 1, 1),
         output_shapes=[(N, O)],
@@ -80,26 +89,40 @@ def launch(O, D, N, bits, gs, dtype, scale_dtype, config=()):
     )
 
 
-def quantized_gemv(x, layer, backend, **config):
-    """layer(x) for an nn.QuantizedLinear and x [..., D] with at most 8 rows, by the kernel."""
+def quantized_gemv(x, layer, backend, norm=None, residual=None, **config):
+    """layer(x) for an nn.QuantizedLinear and x [..., D] with at most 8 rows, by the kernel;
+    layer(norm(x)) for an nn.RMSNorm `norm`, + residual [..., O] when given (same launch)."""
     # x: [..., D] -> [..., O]
     bits, gs = quant_params(layer)
     lead, D = x.shape[:-1], x.shape[-1]
     O = layer.weight.shape[0]
     x2 = x.reshape(-1, D)
     kw = launch(O, D, x2.shape[0], bits, gs, x.dtype, layer.scales.dtype,
-                tuple(sorted(config.items())))
+                tuple(sorted(config.items())),
+                None if norm is None else (norm.weight.dtype, norm.eps), residual is not None)
+    # x stands in for the arrays the kernel does not read.
+    g = x2 if norm is None else norm.weight
+    res = x2 if residual is None else residual.reshape(-1, O)
+    if res.dtype != x.dtype:
+        res = res.astype(x.dtype)
     (y,) = kernel_fn(backend, sources.QGEMV)(
-        inputs=[x2, layer.weight, layer.scales, layer.biases], **kw)
+        inputs=[x2, layer.weight, layer.scales, layer.biases, g, res], **kw)
     y = y.reshape(*lead, O)
     if "bias" in layer:
         y = y + layer.bias
     return y
 
 
-def reference(x, layer):
-    """layer(x) in plain MLX ops (what nn.QuantizedLinear computes)."""
-    return nn.QuantizedLinear.__call__(layer, x)
+def fusable_norm(norm) -> bool:
+    """Whether the kernel can fold `norm` into its call: a plain nn.RMSNorm over the input."""
+    return type(norm) is nn.RMSNorm and norm.weight.dtype in FLOAT_TYPES
+
+
+def reference(x, layer, norm=None, residual=None):
+    """layer(x) in plain MLX ops (what nn.QuantizedLinear computes), with norm before and
+    residual after like quantized_gemv."""
+    y = nn.QuantizedLinear.__call__(layer, x if norm is None else norm(x))
+    return y if residual is None else residual + y
 
 
 def linear_like(layer, cls=nn.QuantizedLinear, **arrays):
@@ -124,14 +147,23 @@ def random_linear(O, D, bits=4, group_size=64, dtype=mx.float32, seed=0):
 
 
 def probe(backend, signature) -> float:
-    """Relative error of the kernel against the float32 reference on random data."""
+    """Relative error of the kernel against the float32 reference on random data.
+    signature: (O, D, N, bits, gs, dtype, scale_dtype[, norm (g dtype, eps) or None, res])"""
     from .probe import relative_error
 
-    O, D, N, bits, gs, dtype, scale_dtype = signature
+    O, D, N, bits, gs, dtype, scale_dtype, *fused = signature
+    norm_sig, res = fused if fused else (None, False)
     layer = random_linear(O, D, bits, gs, scale_dtype)
     x = mx.random.normal((N, D), key=mx.random.key(1)).astype(dtype)
-    y = quantized_gemv(x, layer, backend)
-    ref = reference(x.astype(mx.float32), _float32_copy(layer))
+    norm = residual = None
+    if norm_sig is not None:
+        norm = nn.RMSNorm(D, eps=norm_sig[1])
+        norm.weight = (1 + 0.3 * mx.random.normal((D,), key=mx.random.key(2))).astype(norm_sig[0])
+    if res:
+        residual = mx.random.normal((N, O), key=mx.random.key(3)).astype(dtype)
+    y = quantized_gemv(x, layer, backend, norm, residual)
+    ref = reference(x.astype(mx.float32), _float32_copy(layer), norm,
+                    None if residual is None else residual.astype(mx.float32))
     mx.eval(y, ref)
     return relative_error(y, ref)
 
@@ -147,24 +179,34 @@ SELFTEST_SHAPES = {"deepseek-v3 o_proj": (7168, 16384), "deepseek-v3 q_a_proj": 
 
 def selftest(backend: str, echo=print, tokens=(1, 2), shapes=None):
     """The GEMV kernel against MLX's quantized matmul, 4-bit group 64, bf16 (for `mlxkt
-    selftest`): error against the float32 reference and eval-only µs of both."""
+    selftest`): error against the float32 reference and eval-only µs of both. The rows
+    named "+norm+res" fold an RMSNorm and a residual into the launch, as compiled decode
+    does."""
     from .dispatch import probe_tolerance
     from .probe import relative_error
     from .selftest import median_time  # selftest imports this module
 
     rows = []
     echo(f"{'gemv':22} {'tok':>3} {'status':>6} {'rel err':>9} {'kernel us':>9} {'mlx us':>9}")
-    for name, (O, D) in (shapes or SELFTEST_SHAPES).items():
+    cases = [(name, O, D, False) for name, (O, D) in (shapes or SELFTEST_SHAPES).items()]
+    name, O, D, _ = cases[min(1, len(cases) - 1)]
+    cases.append((name + " +norm+res", O, D, True))
+    for name, O, D, fold in cases:
         layers = [random_linear(O, D, 4, 64, mx.bfloat16, seed=s) for s in range(4)]
+        norm = nn.RMSNorm(D) if fold else None
         for n in tokens:
             row = {"kernel": "gemv", "shape": name, "tokens": n}
             try:
                 x = mx.random.normal((n, D)).astype(mx.bfloat16)
-                err = relative_error(quantized_gemv(x, layers[0], backend),
-                                     reference(x.astype(mx.float32), _float32_copy(layers[0])))
+                res = mx.random.normal((n, O)).astype(mx.bfloat16) if fold else None
+                err = relative_error(
+                    quantized_gemv(x, layers[0], backend, norm, res),
+                    reference(x.astype(mx.float32), _float32_copy(layers[0]), norm,
+                              None if res is None else res.astype(mx.float32)))
                 ins = [(m,) for m in layers]
-                k_s = median_time(lambda m: quantized_gemv(x, m, backend), ins, prebuilt=True)
-                r_s = median_time(lambda m: reference(x, m), ins, prebuilt=True)
+                k_s = median_time(lambda m: quantized_gemv(x, m, backend, norm, res), ins,
+                                  prebuilt=True)
+                r_s = median_time(lambda m: reference(x, m, norm, res), ins, prebuilt=True)
                 row.update(status="pass" if err < probe_tolerance(mx.bfloat16) else "FAIL",
                            error=err, kernel_us=k_s * 1e6, reference_us=r_s * 1e6)
                 echo(f"{name:22} {n:>3} {row['status']:>6} {err:9.2e} {k_s * 1e6:9.1f} {r_s * 1e6:9.1f}")

@@ -42,16 +42,16 @@ GATE_UP = KernelSpec(
 DOWN = KernelSpec(
     name="mlxkt_moe_down",
     body="moe_down.inc",
-    inputs=("h", "plan", "uw", "wd", "sd", "bd", "wsd", "ssd", "bsd"),
+    inputs=("h", "plan", "uw", "wd", "sd", "bd", "wsd", "ssd", "bsd", "res"),
     outputs=("y",),
 )
 
 QGEMV = KernelSpec(
     name="mlxkt_qgemv",
     body="qgemv.inc",
-    inputs=("x", "w", "scales", "biases"),
+    inputs=("x", "w", "scales", "biases", "g", "res"),
     outputs=("y",),
-    raw16=(("TK", "x"),),
+    raw16=(("TK", "x"), ("GK", "g")),
 )
 
 

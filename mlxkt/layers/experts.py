@@ -7,7 +7,8 @@ so mlx-lm conversions load unchanged. Three paths, chosen per call:
   - otherwise mlxkt.kernels: fused Metal/CUDA kernels on a GPU for decode-sized batches,
     the plain-MLX reference (gather_qmm) for the rest.
 The block's shared expert, when given, is added to the result; the fused kernels compute it
-in their own launches when it has one routed expert's shape (DeepSeek-V3/R1).
+in their own launches when it has one routed expert's shape (DeepSeek-V3/R1), and add the
+layer's residual too when the caller passes it (one elementwise launch fewer per layer).
 """
 
 from typing import Optional
@@ -34,17 +35,19 @@ class RoutedExperts(nn.Module):
         self.down_proj = SwitchLinear(hidden_dims, dims, num_experts, bias=False)
 
     def __call__(self, x: mx.array, inds: mx.array, scores: mx.array,
-                 shared: Optional[nn.Module] = None) -> mx.array:
+                 shared: Optional[nn.Module] = None, residual: Optional[mx.array] = None):
         """The routed experts' weighted sum, plus shared(x) when the block has a shared
-        expert (on a GPU at decode, computed inside the routed kernels' launches)."""
-        # x: [..., D], inds/scores: [..., K] -> [..., D]
+        expert and plus `residual` when given (on a GPU at decode, both computed inside the
+        routed kernels' launches)."""
+        # x: [..., D], inds/scores: [..., K], residual: [..., D] -> [..., D]
         projs = (self.gate_proj, self.up_proj, self.down_proj)
         if self.segments is not False and use_segments(x, inds, *projs):
             y = segmented_experts(x, inds, scores, *projs)  # None inside mx.compile
             if y is not None:
-                return y if shared is None else y + shared(x)
+                y = y if shared is None else y + shared(x)
+                return y if residual is None else residual + y
         return routed_experts(x, inds, scores, *projs, shared=shared,
-                              fuse_shared=self.fuse_shared)
+                              fuse_shared=self.fuse_shared, residual=residual)
 
     @classmethod
     def wrap(cls, gate_proj, up_proj, down_proj) -> "RoutedExperts":

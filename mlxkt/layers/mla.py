@@ -20,6 +20,7 @@ from ..device import env_switch
 from ..kernels import mla_decode
 from ..kernels.dispatch import checked, gpu_backend, kernels_enabled, probe_tolerance
 from .cpu_heads import split_heads
+from .qlinear import KernelQuantizedLinear, norm_linear
 
 # Query lengths up to this use the absorbed path.
 ABSORB_MAX_L = 16
@@ -60,6 +61,9 @@ class MLAttention(nn.Module):
     # None: MLXKT_MLA_KERNEL decides (off when unset); False/True: never/on a GPU (a plain
     # attribute, not a parameter: the bench's variants set it per engine).
     mla_kernel: Optional[bool] = None
+    # False: RMSNorms and residual adds as their own kernels, never folded into the GEMV and
+    # expert kernels (the bench variant "no-fold": the before of that change).
+    fold_norms: bool = True
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -95,15 +99,21 @@ class MLAttention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
-    def project(self, x: mx.array, offset=0):
-        """Queries and the new cache entries of x, roped at `offset`.
+    def project(self, x: mx.array, offset=0, norm=None):
+        """Queries and the new cache entries of x (of norm(x), for the layer's input RMSNorm
+        `norm`, which the GEMV kernel folds into its launches), roped at `offset`.
         x: [B, L, D] -> q_nope, q_pe [B, H, L, *]; latent [B, 1, L, r]; k_pe [B, 1, L, rope]"""
         B, L, _ = x.shape
         if self.q_lora_rank is None:
-            q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
+            if norm is not None and not isinstance(self.q_proj, KernelQuantizedLinear):
+                x, norm = norm(x), None  # once, not per projection
+            q, kv = norm_linear(self.q_proj, x, norm), norm_linear(self.kv_a_proj_with_mqa, x, norm)
         else:
-            q_a, kv = self.down_projections(x)
-            q = self.q_b_proj(self.q_a_layernorm(q_a))
+            q_a, kv = self.down_projections(x, norm)
+            if self.fold_norms:
+                q = norm_linear(self.q_b_proj, q_a, self.q_a_layernorm)
+            else:
+                q = self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.reshape(B, L, self.num_heads, self.q_head_dim).transpose(0, 2, 1, 3)
         q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)
 
@@ -112,15 +122,17 @@ class MLAttention(nn.Module):
         k_pe = k_pe.reshape(B, 1, L, self.qk_rope_head_dim)
         return q_nope, self.rope(q_pe, offset), latent, self.rope(k_pe, offset)
 
-    def down_projections(self, x: mx.array):
-        """x -> q LoRA input, kv latent + rope: two projections of the same x (the bench
-        variant fused-proj makes them one launch)."""
-        return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+    def down_projections(self, x: mx.array, norm=None):
+        """x (or norm(x)) -> q LoRA input, kv latent + rope: two projections of the same x
+        (the bench variant fused-proj makes them one launch)."""
+        if norm is not None and not isinstance(self.q_a_proj, KernelQuantizedLinear):
+            x, norm = norm(x), None  # once, not per projection
+        return norm_linear(self.q_a_proj, x, norm), norm_linear(self.kv_a_proj_with_mqa, x, norm)
 
-    def absorbed_queries(self, x: mx.array, offset=0):
+    def absorbed_queries(self, x: mx.array, offset=0, norm=None):
         """project() with the queries moved into latent space (decode, MTP verification).
         x: [B, L, D] -> q_lat [B, H, L, r], q_pe (pre-scaled) [B, H, L, rope], latent, k_pe"""
-        q_nope, q_pe, latent, k_pe = self.project(x, offset)
+        q_nope, q_pe, latent, k_pe = self.project(x, offset, norm)
         return self.embed_q(q_nope), q_pe * self.scale, latent, k_pe
 
     def attend(self, q, q_pe, k, v, k_pe, mask=None):
@@ -165,11 +177,11 @@ class MLAttention(nn.Module):
         scale = mla_decode.scale_array(self.scale)
         return mla_decode.mla_decode(q_lat, q_pe, kv, kpe, meta, scale, backend)
 
-    def absorbed_output(self, out: mx.array) -> mx.array:
-        # out: [B, H, L, r] over the latent -> [B, L, D]
+    def absorbed_output(self, out: mx.array, residual=None) -> mx.array:
+        # out: [B, H, L, r] over the latent -> [B, L, D] (+ residual, in o_proj's launch)
         B, _, L, _ = out.shape
         out = self.unembed_out(out).transpose(0, 2, 1, 3).reshape(B, L, -1)  # [B, L, H*v]
-        return self.o_proj(out)
+        return norm_linear(self.o_proj, out, residual=residual)
 
     def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Any = None):
         B, L, _ = x.shape  # x: [B, L, D]

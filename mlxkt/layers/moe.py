@@ -6,6 +6,7 @@ import mlx.nn as nn
 from ..config import ModelArgs
 from ..kernels.router import route
 from .experts import RoutedExperts
+from .qlinear import norm_linear
 
 
 class MLP(nn.Module):
@@ -21,9 +22,10 @@ class MLP(nn.Module):
         """Both input-side projections of x (the bench variant fused-proj makes them one launch)."""
         return self.gate_proj(x), self.up_proj(x)
 
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
+        # x: [..., D] -> [..., D] (+ residual, inside the down projection's GEMV launch)
         gate, up = self.gate_up(x)
-        return self.down_proj(nn.silu(gate) * up)
+        return norm_linear(self.down_proj, nn.silu(gate) * up, residual=residual)
 
 
 class DeepseekGate(nn.Module):
@@ -96,9 +98,14 @@ class DeepseekMoE(nn.Module):
         if args.n_shared_experts:
             self.shared_experts = MLP(args.hidden_size, I * args.n_shared_experts)
 
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
+        # x: [B, L, D] -> [B, L, D] (+ residual: added inside the expert kernels at decode)
         inds, weights = self.gate(x)
-        return self.switch_mlp(x, inds, weights, self.get("shared_experts"))
+        sw, shared = self.switch_mlp, self.get("shared_experts")
+        if isinstance(sw, RoutedExperts):
+            return sw(x, inds, weights, shared, residual)
+        y = sw(x, inds, weights, shared)  # e.g. distributed.run.RecordRouting
+        return y if residual is None else residual + y
 
 
 class MixtralMoE(nn.Module):
