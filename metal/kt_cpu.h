@@ -32,6 +32,8 @@ inline thread_local int tid = 0;
 #define KT_EXP(v) std::exp(v)
 #define KT_FMA(a, b, c) std::fma(a, b, c)
 #define KT_RSQRT(v) (1.0f / std::sqrt(v))
+#define KT_COS(v) std::cos(v)
+#define KT_SIN(v) std::sin(v)
 
 inline float KT_AS_FLOAT(uint32_t u) {
   float f;

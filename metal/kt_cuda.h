@@ -8,6 +8,8 @@
 #define KT_EXP(v) expf(v)
 #define KT_FMA(a, b, c) fmaf(a, b, c)
 #define KT_RSQRT(v) rsqrtf(v)
+#define KT_COS(v) cosf(v)
+#define KT_SIN(v) sinf(v)
 
 // Sum of v over the 32 lanes of a warp; every lane gets the sum.
 KT_FN float kt_warp_sum(float v) {

@@ -8,6 +8,8 @@
 #define KT_EXP(v) metal::exp(v)
 #define KT_FMA(a, b, c) metal::fma(a, b, c)
 #define KT_RSQRT(v) metal::rsqrt(v)
+#define KT_COS(v) metal::precise::cos(v)
+#define KT_SIN(v) metal::precise::sin(v)
 
 // Sum of v over the 32 lanes of a simdgroup; every lane gets the sum.
 KT_FN float kt_warp_sum(float v) {

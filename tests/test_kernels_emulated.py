@@ -252,10 +252,12 @@ def test_model_decodes_the_same_through_the_emulated_moe_kernels(monkeypatch):
 
 def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch):
     """The compiled decode step (run uncompiled, so the emulated kernels can run in it) hands
-    the input and q_a RMSNorms to the GEMV kernel and both residuals to the o_proj GEMV and
-    stage 2 of the expert kernels; its logits match plain MLX ops."""
+    the input and q_a RMSNorms to the GEMV kernel, both residuals to the o_proj GEMV and
+    stage 2 of the expert kernels, and the rest of the attention prologue to the MLA prep
+    kernel; its logits match plain MLX ops."""
     from mlxkt.inject import optimize
-    from mlxkt.kernels import qgemv, router
+    from mlxkt.kernels import mla_prep, qgemv, router
+    from mlxkt.layers import mla
     from mlxkt.layers.decode_compile import set_compiled_decode
     from tiny_models import quantized_tiny
 
@@ -272,8 +274,18 @@ def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch)
     monkeypatch.setenv(dispatch.ENV, "0")
     plain = greedy(model)
     monkeypatch.delenv(dispatch.ENV)
-    for mod in (dispatch, router):
+    for mod in (dispatch, router, mla):
         monkeypatch.setattr(mod, "gpu_backend", lambda: "cpu")
+    monkeypatch.setenv(mla_prep.ENV, "1")
+    preps = []
+    real_prep = mla_prep.mla_prep
+
+    def prep(q, kv, norm, offset, *rest):
+        if not (isinstance(offset, int) and offset == 30011):  # not the one-time probes
+            preps.append(q.shape[1])
+        return real_prep(q, kv, norm, offset, *rest)
+
+    monkeypatch.setattr(mla_prep, "mla_prep", prep)
     folds, residuals = [], []
     real_gemv, real_moe = qgemv.quantized_gemv, dispatch.fused_routed_experts
     monkeypatch.setattr(qgemv, "quantized_gemv", lambda x, layer, b, norm=None, residual=None:
@@ -283,7 +295,8 @@ def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch)
                         lambda *a, **k: residuals.append(a[8] is not None) or real_moe(*a, **k))
     optimize(model, linears=True)
     set_compiled_decode(model, True)
-    for ready in (dispatch.kernel_ready, dispatch.gemv_ready, router.router_ready):
+    readies = (dispatch.kernel_ready, dispatch.gemv_ready, router.router_ready, mla.prep_ready)
+    for ready in readies:
         ready.cache_clear()
     mx.disable_compile()
     try:
@@ -291,7 +304,7 @@ def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch)
             fast = greedy(model)
     finally:
         mx.enable_compile()
-        for ready in (dispatch.kernel_ready, dispatch.gemv_ready, router.router_ready):
+        for ready in readies:
             ready.cache_clear()
     attn = model.layers[0].self_attn
     q_a, kv_a, q_b = (attn.q_a_proj.weight.shape[0], attn.kv_a_proj_with_mqa.weight.shape[0],
@@ -299,5 +312,7 @@ def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch)
     o = attn.o_proj.weight.shape[0]
     assert {(q_a, True, False), (kv_a, True, False), (q_b, True, False), (o, False, True)} <= set(folds)
     assert True in residuals  # the MoE layers' residual inside stage 2
+    layers = len(model.layers)
+    assert preps == [5] * layers + [1] * 3 * layers  # the prompt (absorbed) and each step
     assert mx.array_equal(fast.argmax(-1), plain.argmax(-1))
     assert relative_error(fast, plain) < 1e-4

@@ -23,6 +23,8 @@ files; what pays off moves into the engine.
 - no-fold:       the RMSNorms before the q/kv projections and the residual adds as their own
                  kernels again, not folded into the GEMV and expert kernels' launches
                  (layers/decode_compile.py; the default on CUDA since 2026-11-26).
+- no-mla-prep / mla-prep: the MLA decode prologue (latent norm, ropes, query copy and scale)
+                 as MLX ops / as one kernel (kernels/mla_prep.py; the default on CUDA).
 - fused-proj:    projections that share their input as one linear each: q_a_proj with
                  kv_a_proj_with_mqa, and gate_proj with up_proj in the shared experts and
                  dense MLPs (rows concatenated, output split), so a decode step launches two
@@ -148,6 +150,14 @@ def _no_fold(engine: Engine):
             m.fold_norms = False
 
 
+def _mla_prep(on: bool):
+    def apply(engine: Engine):
+        for m in engine.model.modules():
+            if isinstance(m, MLAttention):
+                m.prep_kernel = on
+    return apply
+
+
 def _mla_kernel(on: bool):
     def apply(engine: Engine):
         model = engine.model
@@ -170,6 +180,8 @@ VARIANTS = {
     "mla-kernel": _mla_kernel(True),
     "no-fused-shared": _no_fused_shared,
     "no-fold": _no_fold,
+    "no-mla-prep": _mla_prep(False),
+    "mla-prep": _mla_prep(True),
 }
 
 

@@ -15,6 +15,7 @@ from .probe import (random_problem, random_shared_expert, reference_float32, rel
                     shared_reference)
 from .reference import routed_experts_reference
 from .mla_decode import selftest as mla_selftest
+from .mla_prep import selftest as prep_selftest
 from .qgemv import selftest as gemv_selftest
 from .router import selftest as router_selftest
 
@@ -127,5 +128,6 @@ def selftest(shapes=None, bits=(4, 8), tokens=(1, 4), experts=None, echo=print):
                 mx.clear_cache()
     rows += router_selftest(backend, echo)
     rows += gemv_selftest(backend, echo)
+    rows += prep_selftest(backend, echo)
     rows += mla_selftest(backend, echo)
     return rows

@@ -17,7 +17,7 @@ from mlx_lm.models.rope_utils import apply_yarn_mscale, initialize_rope
 
 from ..config import ModelArgs
 from ..device import env_switch
-from ..kernels import mla_decode
+from ..kernels import mla_decode, mla_prep
 from ..kernels.dispatch import checked, gpu_backend, kernels_enabled, probe_tolerance
 from .cpu_heads import split_heads
 from .qlinear import KernelQuantizedLinear, norm_linear
@@ -51,6 +51,20 @@ def decode_kernel_backend(forced: Optional[bool], length: int) -> Optional[str]:
     return backend if length <= mla_decode.max_keys(backend) else None
 
 
+def prep_backend(forced: Optional[bool]) -> Optional[str]:
+    """The GPU backend whose MLA prologue kernel should run (kernels/mla_prep.py), or None."""
+    backend = gpu_backend() if kernels_enabled() else None
+    if backend is None:
+        return None
+    return backend if (mla_prep.enabled(backend) if forced is None else forced) else None
+
+
+@lru_cache(maxsize=None)
+def prep_ready(backend: str, signature) -> bool:
+    return checked(f"{backend} MLA prologue", lambda: mla_prep.probe(backend, signature),
+                   probe_tolerance(signature[6]))
+
+
 @lru_cache(maxsize=None)
 def decode_kernel_ready(backend: str, signature) -> bool:
     return checked(f"{backend} MLA decode", lambda: mla_decode.probe(backend, signature),
@@ -64,6 +78,8 @@ class MLAttention(nn.Module):
     # False: RMSNorms and residual adds as their own kernels, never folded into the GEMV and
     # expert kernels (the bench variant "no-fold": the before of that change).
     fold_norms: bool = True
+    # None: mla_prep.enabled decides (CUDA); False/True: the MLA prologue kernel never/on a GPU.
+    prep_kernel: Optional[bool] = None
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -98,12 +114,20 @@ class MLAttention(nn.Module):
             scaling_config=args.rope_scaling,
             max_position_embeddings=args.max_position_embeddings,
         )
+        # The rope as the MLA prologue kernel computes it (None: a kind it does not reproduce);
+        # its table also as a private array, evaluated before compiled decode traces.
+        self.prep_rope = mla_prep.rope_table(self.rope, self.qk_rope_head_dim)
+        if self.prep_rope is not None:
+            self._prep_inv = self.prep_rope.inv
 
     def project(self, x: mx.array, offset=0, norm=None):
         """Queries and the new cache entries of x (of norm(x), for the layer's input RMSNorm
         `norm`, which the GEMV kernel folds into its launches), roped at `offset`.
         x: [B, L, D] -> q_nope, q_pe [B, H, L, *]; latent [B, 1, L, r]; k_pe [B, 1, L, rope]"""
-        B, L, _ = x.shape
+        return self.split_rope(*self.projections(x, norm), offset)
+
+    def projections(self, x: mx.array, norm=None):
+        """x: [B, L, D] -> q [B, L, H * q_head_dim], kv [B, L, kv_lora_rank + rope]"""
         if self.q_lora_rank is None:
             if norm is not None and not isinstance(self.q_proj, KernelQuantizedLinear):
                 x, norm = norm(x), None  # once, not per projection
@@ -114,6 +138,11 @@ class MLAttention(nn.Module):
                 q = norm_linear(self.q_b_proj, q_a, self.q_a_layernorm)
             else:
                 q = self.q_b_proj(self.q_a_layernorm(q_a))
+        return q, kv
+
+    def split_rope(self, q: mx.array, kv: mx.array, offset=0):
+        """projections() -> project()'s four arrays: heads split, latent normed, roped."""
+        B, L, _ = q.shape
         q = q.reshape(B, L, self.num_heads, self.q_head_dim).transpose(0, 2, 1, 3)
         q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)
 
@@ -132,8 +161,30 @@ class MLAttention(nn.Module):
     def absorbed_queries(self, x: mx.array, offset=0, norm=None):
         """project() with the queries moved into latent space (decode, MTP verification).
         x: [B, L, D] -> q_lat [B, H, L, r], q_pe (pre-scaled) [B, H, L, rope], latent, k_pe"""
-        q_nope, q_pe, latent, k_pe = self.project(x, offset, norm)
-        return self.embed_q(q_nope), q_pe * self.scale, latent, k_pe
+        q, kv = self.projections(x, norm)
+        fast = self.prepared(q, kv, offset)
+        if fast is not None:  # q_pe comes scaled
+            q_nope, q_pe, latent, k_pe = fast
+        else:
+            q_nope, q_pe, latent, k_pe = self.split_rope(q, kv, offset)
+            q_pe = q_pe * self.scale
+        return self.embed_q(q_nope), q_pe, latent, k_pe
+
+    def prepared(self, q, kv, offset):
+        """split_rope(q, kv, offset) with q_pe times the softmax scale, by the MLA prologue
+        kernel (one launch) when it applies, else None."""
+        backend = prep_backend(self.prep_kernel)
+        if backend is None or self.prep_rope is None or mla_prep.unsupported(
+                q, kv, self.kv_a_layernorm, self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim):
+            return None
+        B, L, _ = q.shape
+        sig = (B, L, self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim,
+               self.kv_lora_rank, q.dtype, self.prep_rope.traditional)
+        if not prep_ready(backend, sig):
+            return None
+        return mla_prep.mla_prep(q, kv, self.kv_a_layernorm, offset, self.prep_rope,
+                                 self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim,
+                                 self.scale, backend)
 
     def attend(self, q, q_pe, k, v, k_pe, mask=None):
         """SDPA of q over (k, v) plus the rope scores q_pe . k_pe, which ride in as the
