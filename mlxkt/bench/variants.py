@@ -25,6 +25,12 @@ files; what pays off moves into the engine.
                  (layers/decode_compile.py; the default on CUDA since 2026-11-26).
 - no-mla-prep / mla-prep: the MLA decode prologue (latent norm, ropes, query copy and scale)
                  as MLX ops / as one kernel (kernels/mla_prep.py; the default on CUDA).
+- no-pad-keys / pad-keys: decode attention over exactly the valid keys / over their count
+                 rounded up to a multiple of 8 with the rest masked (layers/key_padding.py;
+                 default on CUDA from 8192 keys).
+- moe-rw4-rb4:   the routed-expert kernels with 4 row pairs per stage-1 warp and 4 rows per
+                 stage-2 warp (benchmarks/kernels.py --sweep's fastest at 1 token on an
+                 H200, 2026-11-26; slower at 2 and 8 tokens).
 - fused-proj:    projections that share their input as one linear each: q_a_proj with
                  kv_a_proj_with_mqa, and gate_proj with up_proj in the shared experts and
                  dense MLPs (rows concatenated, output split), so a decode step launches two
@@ -80,6 +86,14 @@ def _no_fused_shared(engine: Engine):
     for m in engine.model.modules():
         if isinstance(m, RoutedExperts):
             m.fuse_shared = False
+
+
+def _moe_launch(**config):
+    def apply(engine: Engine):
+        for m in engine.model.modules():
+            if isinstance(m, RoutedExperts):
+                m.__dict__["launch"] = config  # a plain attribute: Module keeps dicts as children
+    return apply
 
 
 # Variants that change prefill too: the bench times their prefill (the others are decode-only).
@@ -144,26 +158,12 @@ def _fused_proj(engine: Engine):
     mx.eval([m.parameters() for m in made])  # held by the closures, not the model
 
 
-def _no_fold(engine: Engine):
-    for m in engine.model.modules():
-        if isinstance(m, MLAttention):
-            m.fold_norms = False
-
-
-def _mla_prep(on: bool):
+def _attention_switch(name: str, on: bool):
+    """A variant that sets one plain attribute (a switch) of every MLAttention."""
     def apply(engine: Engine):
         for m in engine.model.modules():
             if isinstance(m, MLAttention):
-                m.prep_kernel = on
-    return apply
-
-
-def _mla_kernel(on: bool):
-    def apply(engine: Engine):
-        model = engine.model
-        for layer in list(model.model.layers) + (list(model.mtp.layers) if "mtp" in model else []):
-            if hasattr(layer.get("self_attn"), "decode_kernel"):
-                layer.self_attn.mla_kernel = on
+                setattr(m, name, on)
     return apply
 
 
@@ -176,12 +176,15 @@ VARIANTS = {
     "gemv": _gemv,
     "no-gemv": _no_gemv,
     "fused-proj": _fused_proj,
-    "no-mla-kernel": _mla_kernel(False),
-    "mla-kernel": _mla_kernel(True),
+    "no-mla-kernel": _attention_switch("mla_kernel", False),
+    "mla-kernel": _attention_switch("mla_kernel", True),
     "no-fused-shared": _no_fused_shared,
-    "no-fold": _no_fold,
-    "no-mla-prep": _mla_prep(False),
-    "mla-prep": _mla_prep(True),
+    "moe-rw4-rb4": _moe_launch(rw=4, rb=4),
+    "no-fold": _attention_switch("fold_norms", False),
+    "no-mla-prep": _attention_switch("prep_kernel", False),
+    "mla-prep": _attention_switch("prep_kernel", True),
+    "no-pad-keys": _attention_switch("pad_keys", False),
+    "pad-keys": _attention_switch("pad_keys", True),
 }
 
 

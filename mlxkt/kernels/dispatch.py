@@ -58,11 +58,12 @@ def _warn(message: str):
 
 
 def routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, shared=None,
-                   fuse_shared=True, residual=None):
+                   fuse_shared=True, residual=None, config=None):
     """sum_k scores[..., k] * expert_{inds[..., k]}(x) (+ shared(x) when a shared-expert MLP
     is given) (+ residual): fused kernels when they apply, the shared expert inside their
     launches when it is shaped and quantized like one routed expert (and fuse_shared), the
-    residual too when the shared expert is inside or absent."""
+    residual too when the shared expert is inside or absent. config: launch keys
+    (moe.launch_config) instead of the defaults."""
     # x: [..., D], inds/scores: [..., K], residual: [..., D] -> [..., D]
     y = None
     if not kernels_enabled():
@@ -82,7 +83,8 @@ def routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, shared=None,
         res = residual is not None and inside and kernel_ready(
             backend, sig[:-1] + (fuse, True))  # the same, residual added by stage 2
         y = fused_routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, backend,
-                                 shared if fuse else None, residual if res else None)
+                                 shared if fuse else None, residual if res else None,
+                                 **(config or {}))
         if inside and (res or residual is None):
             return y
         if fuse:

@@ -102,7 +102,7 @@ class CompiledDecode:
         use = self.attn.decode_kernel(q_lat, q_pe, cache, mask,
                                       lambda key, make: self.steps.get(n, key, make))
         if use is None:
-            return self.post(self.attn.attend(q_lat, q_pe, latent, latent, k_pe, mask), x)
+            return self.post(self.attn.attend_padded(q_lat, q_pe, cache, latent, k_pe, mask), x)
         backend, meta = use
         if backend not in self.kernel_attend:
             self.kernel_attend[backend] = mx.compile(

@@ -27,6 +27,8 @@ class RoutedExperts(nn.Module):
     segments: Optional[bool] = None
     # False: the shared expert never rides in the kernels' launches ("no-fused-shared").
     fuse_shared: bool = True
+    # Launch keys for the fused kernels (moe.launch_config), e.g. from a bench variant.
+    launch: Optional[dict] = None
 
     def __init__(self, dims: int, hidden_dims: int, num_experts: int):
         super().__init__()
@@ -47,7 +49,7 @@ class RoutedExperts(nn.Module):
                 y = y if shared is None else y + shared(x)
                 return y if residual is None else residual + y
         return routed_experts(x, inds, scores, *projs, shared=shared,
-                              fuse_shared=self.fuse_shared, residual=residual)
+                              fuse_shared=self.fuse_shared, residual=residual, config=self.launch)
 
     @classmethod
     def wrap(cls, gate_proj, up_proj, down_proj) -> "RoutedExperts":

@@ -20,6 +20,7 @@ from ..device import env_switch
 from ..kernels import mla_decode, mla_prep
 from ..kernels.dispatch import checked, gpu_backend, kernels_enabled, probe_tolerance
 from .cpu_heads import split_heads
+from .key_padding import padded_keys
 from .qlinear import KernelQuantizedLinear, norm_linear
 
 # Query lengths up to this use the absorbed path.
@@ -80,6 +81,8 @@ class MLAttention(nn.Module):
     fold_norms: bool = True
     # None: mla_prep.enabled decides (CUDA); False/True: the MLA prologue kernel never/on a GPU.
     prep_kernel: Optional[bool] = None
+    # None: key_padding decides (CUDA, long caches); False/True: never/always.
+    pad_keys: Optional[bool] = None
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -186,15 +189,25 @@ class MLAttention(nn.Module):
                                  self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim,
                                  self.scale, backend)
 
-    def attend(self, q, q_pe, k, v, k_pe, mask=None):
+    def attend(self, q, q_pe, k, v, k_pe, mask=None, valid=None):
         """SDPA of q over (k, v) plus the rope scores q_pe . k_pe, which ride in as the
-        additive mask (with the causal mask folded in), so q/k may live in either space."""
+        additive mask (with the causal mask folded in), so q/k may live in either space.
+        valid: only the first `valid` keys count (the rest pad, see key_padding.py)."""
         # q: [B, H, L, dq], q_pe: [B, H, L, rope] (pre-scaled), k/v: [B, 1|H, S, *]
-        out = split_heads(self.attend_heads, q, q_pe, k, v, k_pe, mask)  # CPU, long caches
-        return out if out is not None else self.attend_heads(q, q_pe, k, v, k_pe, mask)
+        out = None if valid else split_heads(self.attend_heads, q, q_pe, k, v, k_pe, mask)
+        return out if out is not None else self.attend_heads(q, q_pe, k, v, k_pe, mask, valid)
 
-    def attend_heads(self, q, q_pe, k, v, k_pe, mask=None):
+    def attend_padded(self, q, q_pe, cache, latent, k_pe, mask=None):
+        """attend() over the cache's keys, their count rounded up where that pays."""
+        latent, k_pe, valid = padded_keys(cache, latent, k_pe, mask, self.pad_keys)
+        if valid is None:  # attend() as the bench's variants may have replaced it
+            return self.attend(q, q_pe, latent, latent, k_pe, mask)
+        return self.attend(q, q_pe, latent, latent, k_pe, mask, valid=valid)
+
+    def attend_heads(self, q, q_pe, k, v, k_pe, mask=None, valid=None):
         pe_scores = q_pe @ k_pe.swapaxes(-1, -2)  # [B, H, L, S]
+        if valid is not None:
+            pe_scores[..., valid:] = mx.array(-float("inf"), pe_scores.dtype)
         if mask is not None:
             neg = mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype)
             pe_scores = mx.where(mask, pe_scores, neg)
@@ -245,7 +258,7 @@ class MLAttention(nn.Module):
             if use is not None:
                 out = self.kernel_attend(q_lat, q_pe, cache.keys, cache.values, use[1], use[0])
             else:
-                out = self.attend(q_lat, q_pe, latent, latent, k_pe, mask)
+                out = self.attend_padded(q_lat, q_pe, cache, latent, k_pe, mask)
             return self.absorbed_output(out)
 
         # Long prefill: expanding K/V per head is cheaper than absorbing.
