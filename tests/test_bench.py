@@ -156,3 +156,16 @@ def test_engine_failing_its_warm_up_is_reported_and_dropped(tiny_dir, tmp_path, 
     assert result["engines"]["mlxkt"]["decode"]["40"]["tok_s"] > 0
     text = table(result)
     assert "mlx-lm: FAILED in warm-up" in text and "decode @40 tok/s" in text
+
+
+def test_breakdown_leaves_a_fused_shared_expert_inside_the_routed_experts(monkeypatch):
+    """Where the kernels compute the shared expert, a stand-in for it would take it out of
+    their launches; the breakdown then times it within switch_mlp."""
+    from mlxkt.bench import breakdown
+    from tiny_models import quantized_tiny
+
+    model = quantized_tiny()
+    paths = lambda: {p for _, _, p in breakdown._targets(model)}
+    assert "mlp.shared_experts" in paths()  # the CPU: no kernels, timed apart
+    monkeypatch.setattr(breakdown, "kernel_backend", lambda: "cpu")
+    assert "mlp.shared_experts" not in paths() and "mlp.switch_mlp" in paths()

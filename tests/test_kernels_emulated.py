@@ -216,16 +216,7 @@ def test_model_decodes_the_same_through_the_emulated_moe_kernels(monkeypatch):
     """A 4-bit tiny DeepSeek-V3 decoding with the router and routed-expert kernels (shared
     expert inside them), emulated, against plain MLX ops."""
     from mlxkt.kernels import router
-    from tiny_models import quantized_tiny
-
-    def greedy(model, steps=3):
-        cache = model.make_cache()
-        logits = model(mx.array([[5, 17, 3, 99, 42]]), cache=cache)[:, -1]
-        out = [logits]
-        for _ in range(steps):
-            logits = model(logits.argmax(-1)[:, None], cache=cache)[:, -1]
-            out.append(logits)
-        return mx.stack(out)
+    from tiny_models import greedy_logits as greedy, quantized_tiny
 
     model = quantized_tiny()
     monkeypatch.setenv(dispatch.ENV, "0")
@@ -259,16 +250,7 @@ def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch)
     from mlxkt.kernels import mla_prep, qgemv, router
     from mlxkt.layers import mla
     from mlxkt.layers.decode_compile import set_compiled_decode
-    from tiny_models import quantized_tiny
-
-    def greedy(model, steps=3):
-        cache = model.make_cache()
-        logits = model(mx.array([[5, 17, 3, 99, 42]]), cache=cache)[:, -1]
-        out = [logits]
-        for _ in range(steps):
-            logits = model(logits.argmax(-1)[:, None], cache=cache)[:, -1]
-            out.append(logits)
-        return mx.stack(out)
+    from tiny_models import greedy_logits as greedy, quantized_tiny
 
     model = quantized_tiny()
     monkeypatch.setenv(dispatch.ENV, "0")

@@ -51,6 +51,17 @@ def quantized_tiny(seed=0):
     return model
 
 
+def greedy_logits(model, steps=3, prompt=(5, 17, 3, 99, 42)):
+    """The last-position logits of a prompt and of `steps` greedy decode steps: [steps+1, B, V]."""
+    cache = model.make_cache()
+    logits = model(mx.array([list(prompt)]), cache=cache)[:, -1]
+    out = [logits]
+    for _ in range(steps):
+        logits = model(logits.argmax(-1)[:, None], cache=cache)[:, -1]
+        out.append(logits)
+    return mx.stack(out)
+
+
 def mixtral_tiny(seed=0):
     return random_model(MIXTRAL_CONFIG, seed)
 

@@ -6,7 +6,9 @@ and evaluated once, which measures their throughput as a GPU stream runs them. M
 write the cache (attention, a whole layer, the model) are evaluated after each call with the
 cache position reset, and the cost of one empty evaluation is subtracted. "rest" rows are a
 parent minus its timed children: rope, the score matmuls, softmax, the cache update, reshapes
-and routing glue. Works for mlxkt and mlx-lm DeepSeek models (same module names).
+and routing glue. Works for mlxkt and mlx-lm DeepSeek models (same module names). Where
+the routed-expert kernels compute the shared expert, it is not timed apart: its time is in
+switch_mlp's (a stand-in for the shared MLP would take it out of the kernels' launches).
 """
 
 import time
@@ -14,7 +16,9 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.dispatch import kernel_backend, shared_fits
 from ..layers.decode_compile import eager_decode
+from ..layers.experts import RoutedExperts
 from .measure import Engine, fill_cache
 
 ATTN = ["q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa",
@@ -54,6 +58,13 @@ def _set(root, path, value):
     m[last] = value
 
 
+def _fused_shared(block) -> bool:
+    """Whether the routed-expert kernels compute this MoE block's shared expert."""
+    sw, shared = block.get("switch_mlp"), block.get("shared_experts")
+    return (isinstance(sw, RoutedExperts) and sw.fuse_shared and shared is not None
+            and kernel_backend() is not None and shared_fits(shared, sw.gate_proj, sw.down_proj))
+
+
 def _targets(model):
     """(key, owner, path) for every module to time; key groups layers together."""
     out = [(p, model, p) for p in TOP if _get(model, p) is not None]
@@ -62,6 +73,8 @@ def _targets(model):
         paths = (LAYER + [f"self_attn.{c}" for c in ATTN] + [f"{mlp_name}.{c}" for c in MLP]
                  + ["self_attn", mlp_name])
         kind = "moe" if _get(layer, f"{mlp_name}.switch_mlp") is not None else "dense"
+        if kind == "moe" and _fused_shared(layer[mlp_name]):
+            paths = [p for p in paths if p != f"{mlp_name}.shared_experts"]
         for p in paths:
             if _get(layer, p) is not None:
                 head, dot, rest = p.partition(".")
