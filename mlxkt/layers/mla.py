@@ -177,16 +177,15 @@ class MLAttention(nn.Module):
         """split_rope(q, kv, offset) with q_pe times the softmax scale, by the MLA prologue
         kernel (one launch) when it applies, else None."""
         backend = prep_backend(self.prep_kernel)
+        H, nope, P = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         if backend is None or self.prep_rope is None or mla_prep.unsupported(
-                q, kv, self.kv_a_layernorm, self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim):
+                q, kv, self.kv_a_layernorm, H, nope, P):
             return None
         B, L, _ = q.shape
-        sig = (B, L, self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim,
-               self.kv_lora_rank, q.dtype, self.prep_rope.traditional)
+        sig = (B, L, H, nope, P, self.kv_lora_rank, q.dtype, self.prep_rope.traditional)
         if not prep_ready(backend, sig):
             return None
-        return mla_prep.mla_prep(q, kv, self.kv_a_layernorm, offset, self.prep_rope,
-                                 self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim,
+        return mla_prep.mla_prep(q, kv, self.kv_a_layernorm, offset, self.prep_rope, H, nope, P,
                                  self.scale, backend)
 
     def attend(self, q, q_pe, k, v, k_pe, mask=None, valid=None):
@@ -194,7 +193,9 @@ class MLAttention(nn.Module):
         additive mask (with the causal mask folded in), so q/k may live in either space.
         valid: only the first `valid` keys count (the rest pad, see key_padding.py)."""
         # q: [B, H, L, dq], q_pe: [B, H, L, rope] (pre-scaled), k/v: [B, 1|H, S, *]
-        out = None if valid else split_heads(self.attend_heads, q, q_pe, k, v, k_pe, mask)
+        out = None
+        if valid is None:  # CPU, long caches: heads over two streams
+            out = split_heads(self.attend_heads, q, q_pe, k, v, k_pe, mask)
         return out if out is not None else self.attend_heads(q, q_pe, k, v, k_pe, mask, valid)
 
     def attend_padded(self, q, q_pe, cache, latent, k_pe, mask=None):
