@@ -20,7 +20,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import sources
-from .moe import FLOAT_TYPES, kernel_fn
+from .moe import FLOAT_TYPES, TYPE_KIND, kernel_fn
 
 PARTIAL = sources.KernelSpec(
     name="mlxkt_mla_partial",
@@ -41,7 +41,6 @@ ENV = "MLXKT_MLA_KERNEL"  # 1/0: force the kernels on (any GPU) or off
 MAX_KEYS_ENV = "MLXKT_MLA_MAX_KEYS"
 CUDA_MAX_KEYS = 4096  # provisional, see max_keys
 REDUCE_THREADS = 128
-TYPE_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}  # kt_load4's kinds
 
 
 def heads_per_block(H: int, cap: int = 8) -> int:
@@ -168,15 +167,14 @@ def selftest(backend: str, echo=print, contexts=(1024, 4096), heads=128):
     MLXKT_MLA_KERNEL=1 pays."""
     from .dispatch import probe_tolerance
     from .probe import relative_error
-    from .selftest import median_time  # selftest imports this module
+    from .selftest import median_time, timed_row  # selftest imports this module
 
     R, P = 512, 64
     scale = 1.0 / math.sqrt(R + P)
     rows = []
     echo(f"{'mla decode':22} {'keys':>5} {'status':>6} {'rel err':>9} {'kernel us':>9} {'plain us':>9}")
     for S in contexts:
-        row = {"kernel": "mla-decode", "keys": S}
-        try:
+        def measure():
             buf = 256 * math.ceil((S + 1) / 256)
             caches = [random_problem(1, heads, R, P, buf, mx.bfloat16, seed=i) for i in range(4)]
             q, q_pe = caches[0][0], caches[0][1]
@@ -188,13 +186,10 @@ def selftest(backend: str, echo=print, contexts=(1024, 4096), heads=128):
                               ins, prebuilt=True)
             p_s = median_time(lambda kv, kpe: plain_attention(q, q_pe, kv, kpe, S, scale), ins,
                               prebuilt=True)
-            row.update(status="pass" if err < probe_tolerance(mx.bfloat16) else "FAIL",
-                       error=err, kernel_us=k_s * 1e6, plain_us=p_s * 1e6)
-            echo(f"{'deepseek-v3':22} {S:>5} {row['status']:>6} {err:9.2e} {k_s * 1e6:9.1f} "
-                 f"{p_s * 1e6:9.1f}")
-        except Exception as e:  # a build or launch failure: report it, go on
-            row.update(status="FAIL", why=f"{type(e).__name__}: {e}")
-            echo(f"{'deepseek-v3':22} {S:>5}   FAIL  {row['why']}")
-        rows.append(row)
+            return err, k_s, p_s
+
+        rows.append(timed_row({"kernel": "mla-decode", "keys": S}, "deepseek-v3", S, measure,
+                              probe_tolerance(mx.bfloat16), echo,
+                              us_keys=("kernel_us", "plain_us"), widths=(22, 5)))
     echo(f"(the MLA decode kernels are off unless {ENV}=1; they pay where 'kernel us' is lower)")
     return rows

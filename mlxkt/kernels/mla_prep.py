@@ -17,8 +17,7 @@ import mlx.nn as nn
 
 from ..device import env_switch
 from . import sources
-from .moe import FLOAT_TYPES, kernel_fn
-from .qgemv import float_bits
+from .moe import FLOAT_TYPES, float_bits, kernel_fn
 
 PREP = sources.KernelSpec(
     name="mlxkt_mla_prep",
@@ -150,7 +149,7 @@ def selftest(backend: str, echo=print, tokens=(1, 2), heads=128):
 
     from .dispatch import probe_tolerance
     from .probe import relative_error
-    from .selftest import median_time  # selftest imports this module
+    from .selftest import median_time, timed_row  # selftest imports this module
 
     nope, P, R, offset, scale = 128, 64, 512, 4000, 0.1352
     rope = initialize_rope(P, 10000, True, {"type": "yarn", "factor": 40, "mscale": 1.0,
@@ -160,8 +159,7 @@ def selftest(backend: str, echo=print, tokens=(1, 2), heads=128):
     rows = []
     echo(f"{'mla prologue':22} {'tok':>3} {'status':>6} {'rel err':>9} {'kernel us':>9} {'mlx us':>9}")
     for n in tokens:
-        row = {"kernel": "mla-prep", "tokens": n}
-        try:
+        def measure():
             k = mx.random.split(mx.random.key(n), 4)
             q = mx.random.normal((1, n, heads * (nope + P)), key=k[0]).astype(mx.bfloat16)
             kv = mx.random.normal((1, n, R + P), key=k[1]).astype(mx.bfloat16)
@@ -180,12 +178,8 @@ def selftest(backend: str, echo=print, tokens=(1, 2), heads=128):
                                                     scale, backend), ins)
             m_s = median_time(lambda a, b: [mx.contiguous(o) for o in reference(
                 a, b, norm, offset, rope, heads, nope, P, scale)], ins)
-            row.update(status="pass" if err < probe_tolerance(mx.bfloat16) else "FAIL",
-                       error=err, kernel_us=k_s * 1e6, reference_us=m_s * 1e6)
-            echo(f"{'deepseek-v3':22} {n:>3} {row['status']:>6} {err:9.2e} {k_s * 1e6:9.1f} "
-                 f"{m_s * 1e6:9.1f}")
-        except Exception as e:  # a build or launch failure: report it, go on
-            row.update(status="FAIL", why=f"{type(e).__name__}: {e}")
-            echo(f"{'deepseek-v3':22} {n:>3}   FAIL  {row['why']}")
-        rows.append(row)
+            return err, k_s, m_s
+
+        rows.append(timed_row({"kernel": "mla-prep", "tokens": n}, "deepseek-v3", n, measure,
+                              probe_tolerance(mx.bfloat16), echo))
     return rows

@@ -7,6 +7,7 @@ mx.fast.cuda_kernel objects (or the CPU emulation of the tests), all called the 
 """
 
 import math
+import struct
 from functools import lru_cache
 from typing import Optional
 
@@ -18,7 +19,14 @@ MAX_TOKENS = 8  # the kernels' limits
 MAX_PAIRS = 64
 TARGET_BLOCKS = 4096
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
-TYPE_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}  # the kernels' TK (x's type)
+TYPE_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}  # kt_load4's kinds (TK, GK, KK)
+
+
+def float_bits(v: float) -> int:
+    """The bits of v as a float32, as a signed int: how a float rides in a kernel's template
+    (templates take integers; the body reads it back with KT_AS_FLOAT)."""
+    u = struct.unpack("<I", struct.pack("<f", v))[0]
+    return u - (1 << 32) if u >= 1 << 31 else u
 
 
 def quant_params(layer):

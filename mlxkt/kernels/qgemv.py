@@ -12,12 +12,10 @@ from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from . import sources
-from .moe import FLOAT_TYPES, MAX_TOKENS, kernel_fn
+from .moe import FLOAT_TYPES, MAX_TOKENS, TYPE_KIND, float_bits, kernel_fn
 
-TYPE_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}  # the kernel's TK
 
 
 def quant_params(layer):
@@ -63,11 +61,6 @@ def launch_config(O, D, bits, gs, tokens=1, nw=None, rpw=None, wp=None, sa=None)
         raise ValueError("rows per block x tokens must not exceed the block's threads")
     ppt = math.ceil(pieces / (nw * 32))
     return {"nw": nw, "rpw": rpw, "wp": wp, "sa": min(sa or 1, ppt)}
-
-
-def float_bits(v: float) -> int:
-    """The bits of v as a float32, as an int (how a float rides in a kernel's template)."""
-    return int(np.array(v, np.float32).view(np.int32))
 
 
 @lru_cache(maxsize=256)
@@ -184,7 +177,7 @@ def selftest(backend: str, echo=print, tokens=(1, 2), shapes=None):
     does."""
     from .dispatch import probe_tolerance
     from .probe import relative_error
-    from .selftest import median_time  # selftest imports this module
+    from .selftest import median_time, timed_row  # selftest imports this module
 
     rows = []
     echo(f"{'gemv':22} {'tok':>3} {'status':>6} {'rel err':>9} {'kernel us':>9} {'mlx us':>9}")
@@ -195,8 +188,7 @@ def selftest(backend: str, echo=print, tokens=(1, 2), shapes=None):
         layers = [random_linear(O, D, 4, 64, mx.bfloat16, seed=s) for s in range(4)]
         norm = nn.RMSNorm(D) if fold else None
         for n in tokens:
-            row = {"kernel": "gemv", "shape": name, "tokens": n}
-            try:
+            def measure():
                 x = mx.random.normal((n, D)).astype(mx.bfloat16)
                 res = mx.random.normal((n, O)).astype(mx.bfloat16) if fold else None
                 err = relative_error(
@@ -207,11 +199,8 @@ def selftest(backend: str, echo=print, tokens=(1, 2), shapes=None):
                 k_s = median_time(lambda m: quantized_gemv(x, m, backend, norm, res), ins,
                                   prebuilt=True)
                 r_s = median_time(lambda m: reference(x, m, norm, res), ins, prebuilt=True)
-                row.update(status="pass" if err < probe_tolerance(mx.bfloat16) else "FAIL",
-                           error=err, kernel_us=k_s * 1e6, reference_us=r_s * 1e6)
-                echo(f"{name:22} {n:>3} {row['status']:>6} {err:9.2e} {k_s * 1e6:9.1f} {r_s * 1e6:9.1f}")
-            except Exception as e:  # a build or launch failure: report it, go on
-                row.update(status="FAIL", why=f"{type(e).__name__}: {e}")
-                echo(f"{name:22} {n:>3}   FAIL  {row['why']}")
-            rows.append(row)
+                return err, k_s, r_s
+
+            rows.append(timed_row({"kernel": "gemv", "shape": name, "tokens": n}, name, n,
+                                  measure, probe_tolerance(mx.bfloat16), echo))
     return rows

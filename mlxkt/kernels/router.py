@@ -8,7 +8,6 @@ result, or None when the caller should run the plain-MLX reference
 batches, for unsupported configurations, or when the kernel fails its one-time check.
 """
 
-import struct
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,7 +18,7 @@ import numpy as np
 
 from . import sources
 from .dispatch import KernelFallbackWarning, checked, gpu_backend, kernels_enabled
-from .moe import kernel_fn
+from .moe import float_bits, kernel_fn
 
 ROUTER = sources.KernelSpec(
     name="mlxkt_deepseek_router",
@@ -85,12 +84,6 @@ def threads(E: int) -> int:
     return max(32, min(1024, 1 << (E - 1).bit_length()))
 
 
-def _float_bits(v: float) -> int:
-    # The float32 bits as a signed int (kernel templates take integers).
-    u = struct.unpack("<I", struct.pack("<f", v))[0]
-    return u - (1 << 32) if u >= 1 << 31 else u
-
-
 @lru_cache(maxsize=64)
 def launch(cfg: GateConfig, N: int, block=None):
     """The static part of a kernel call for one configuration and token count."""
@@ -105,7 +98,7 @@ def launch(cfg: GateConfig, N: int, block=None):
                   ("SCORE", int(cfg.scoring_func == "softmax")), ("BIAS", int(cfg.biased)),
                   ("G", G), ("TG", TG), ("GMODE", gmode),
                   ("NORM", int(cfg.norm_topk_prob and K > 1)),
-                  ("SCALE_BITS", _float_bits(cfg.routed_scaling_factor))],
+                  ("SCALE_BITS", float_bits(cfg.routed_scaling_factor))],
         grid=(T, N, 1),
         threadgroup=(T, 1, 1),
         output_shapes=[(N, K), (N, K)],
@@ -253,26 +246,22 @@ def selftest(backend: str, echo=print, tokens=(1, 8)):
     """The fused router against the reference for the released DeepSeek gates, with eval-only
     µs per call of both (for `mlxkt selftest`); one row per (config, tokens)."""
     from ..layers.moe import route_reference
-    from .selftest import median_time  # selftest imports this module
+    from .selftest import median_time, timed_row  # selftest imports this module
 
     rows = []
     echo(f"{'router':18} {'tok':>3} {'status':>6} {'w err':>9} {'fused us':>9} {'ref us':>9}")
     for name, cfg in CONFIGS.items():
         for n in tokens:
-            row = {"kernel": "router", "shape": name, "tokens": n}
-            try:
+            def measure():
                 err = probe(backend, cfg, N=n)
                 sets = [random_inputs(cfg, n, seed=s) for s in range(8)]
                 fused_s = median_time(lambda lg, b: fused_route(lg, b, cfg, backend), sets,
                                       prebuilt=True)
                 ref_s = median_time(lambda lg, b: route_reference(lg, b, cfg), sets,
                                     prebuilt=True)
-                row.update(status="pass" if err < WEIGHT_TOLERANCE else "FAIL", error=err,
-                           fused_us=fused_s * 1e6, reference_us=ref_s * 1e6)
-                echo(f"{name:18} {n:>3} {row['status']:>6} {err:9.2e} {fused_s * 1e6:9.1f} "
-                     f"{ref_s * 1e6:9.1f}")
-            except Exception as e:  # a build or launch failure: report it, go on
-                row.update(status="FAIL", why=f"{type(e).__name__}: {e}")
-                echo(f"{name:18} {n:>3}   FAIL  {row['why']}")
-            rows.append(row)
+                return err, fused_s, ref_s
+
+            rows.append(timed_row({"kernel": "router", "shape": name, "tokens": n}, name, n,
+                                  measure, WEIGHT_TOLERANCE, echo,
+                                  us_keys=("fused_us", "reference_us"), widths=(18, 3)))
     return rows

@@ -44,6 +44,24 @@ def median_time(fn, inputs, iters=20, reps=5, prebuilt=False):
     return float(np.median(times))
 
 
+def timed_row(row, label, size, measure, tolerance, echo, us_keys=("kernel_us", "reference_us"),
+              widths=(22, 3)):
+    """Fill `row` from measure() -> (error, kernel s, reference s) and print it as one line
+    of a kernel's selftest table; a build or launch failure becomes a FAIL row, and the
+    selftest goes on."""
+    lw, sw = widths
+    try:
+        err, k_s, r_s = measure()
+        row.update(status="pass" if err < tolerance else "FAIL", error=err,
+                   **{us_keys[0]: k_s * 1e6, us_keys[1]: r_s * 1e6})
+        echo(f"{label:{lw}} {size:>{sw}} {row['status']:>6} {err:9.2e} {k_s * 1e6:9.1f} "
+             f"{r_s * 1e6:9.1f}")
+    except Exception as e:  # a build or launch failure: report it, go on
+        row.update(status="FAIL", why=f"{type(e).__name__}: {e}")
+        echo(f"{label:{lw}} {size:>{sw}}   FAIL  {row['why']}")
+    return row
+
+
 def routings(E, N, K, count, seed=1):
     """`count` random routings (distinct experts per token) so timings do not sit in cache."""
     rng = np.random.default_rng(seed)
