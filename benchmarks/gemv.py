@@ -23,6 +23,7 @@ from mlxkt.kernels.selftest import median_time  # noqa: E402
 
 SHAPES = {  # name: (out, in), DeepSeek-V3
     "q_a_proj": (1536, 7168), "kv_a_proj": (576, 7168), "q_b_proj": (24576, 1536),
+    "q_kv_a_proj": (2112, 7168),  # q_a_proj and kv_a_proj_with_mqa as one (fused-proj)
     "o_proj": (7168, 16384), "shared_gate": (2048, 7168), "shared_down": (7168, 2048),
     "lm_head": (129280, 7168),
 }

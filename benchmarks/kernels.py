@@ -48,19 +48,22 @@ def expert_bytes(*layers):
                for m in layers)
 
 # --sweep: moe.launch_config keys. Stage-1 keys: nw[0], rt, rw, sa, xc; stage-2 keys: nw[1], rb,
-# sb, ue, dq. Defaults (moe.py) at 4 bits: nw (4, 4), rt 1 at 1 token, rw 2, sa 4, rb 8, sb 1,
+# sb, ue, dq, xs. Defaults (moe.py) at 4 bits: nw (4, 4), rt 1 at 1 token, rw 2, sa 4, rb 8, sb 1,
 # ue 1, dq 1; at 8 bits rw 1, rb 2, dq 0 (variants equal to the defaults there are skipped).
 STAGE1 = [{}, {"rw": 1}, {"rw": 1, "rt": 8}, {"rt": 2}, {"rt": 4}, {"nw": (8, 4)},
           {"nw": (8, 4), "rt": 2}, {"sa": 2}, {"sa": 7}, {"rw": 4}, {"xc": 1}]
 STAGE2 = [{}, {"rb": 4}, {"rb": 4, "nw": (4, 8)}, {"nw": (4, 8)}, {"rb": 2},
-          {"rb": 2, "dq": 0}, {"dq": 0}, {"ue": 2}, {"sb": 2}]
+          {"rb": 2, "dq": 0}, {"dq": 0}, {"ue": 2}, {"sb": 2},
+          {"xs": 1}, {"xs": 1, "nw": (4, 2)}, {"xs": 1, "nw": (4, 8)}, {"xs": 1, "rb": 4},
+          {"xs": 1, "rb": 4, "nw": (4, 8)}, {"xs": 1, "rb": 16, "nw": (4, 2)},
+          {"xs": 1, "rb": 4, "sb": 2}]
 ROUNDS = 3  # every variant timed once per round, rounds interleaved: drifts hit all alike
 
 
 def merge(a, b):
     """Stage-1 keys of a with stage-2 keys of b (nw is a (stage 1, stage 2) pair)."""
     out = {k: v for k, v in a.items() if k in ("rt", "rw", "sa")}
-    out.update({k: v for k, v in b.items() if k in ("rb", "sb", "ue", "dq")})
+    out.update({k: v for k, v in b.items() if k in ("rb", "sb", "ue", "dq", "xs")})
     na, nb = a.get("nw", (4, 4)), b.get("nw", (4, 4))
     if (na[0], nb[1]) != (4, 4):
         out["nw"] = (na[0], nb[1])

@@ -93,8 +93,10 @@ def device_passes(model: nn.Module, compile: Optional[bool] = None) -> None:
         dense_one_group_layers(model)
     if gemv_enabled(kernel_backend()):  # dense linears through the GEMV kernel (CUDA)
         from .inject import optimize
+        from .layers.fused_rows import fuse_shared_inputs
 
         optimize(model, rules=(), linears=True)
+        fuse_shared_inputs(model)  # MLA's two input projections as one launch
     if compile_default() if compile is None else compile:
         set_compiled_decode(model)
 

@@ -83,16 +83,21 @@ def test_emulated_swept_config(N, b):
     (1088, 2, (2, 2), {"rw": 4, "rt": 2, "rb": 4, "sb": 2}),
     (320, 2, (4, 4), {"xc": 1}),                         # x as a float32 chunk-major copy
     (1088, 8, (8, 4), {"xc": 1, "rw": 1}),
+    (320, 1, (4, 4), {"xs": 1}),                         # stage 2: warps split the experts
+    (1088, 2, (4, 4), {"xs": 1, "nw": (4, 3), "ue": 2}),  # uneven split, 2 experts a step
+    (320, 8, (2, 8), {"xs": 1, "nw": (4, 8), "rb": 3}),  # more warps than some tokens' experts
 ])
 def test_emulated_launch_variants(D, N, bits, cfg):
     """Other variants benchmarks/kernels.py --sweep times."""
     check_variant(D, N, bits, cfg)
 
 
-def test_emulated_duplicate_expert_within_a_token():
-    """Not produced by top-k, but legal input: both router weights must count."""
-    x, _, scores, gate, up, down = random_problem(128, 64, 2, 3, 5)
-    inds = mx.array([[1, 1, 4], [4, 2, 1]], dtype=mx.uint32)
+@pytest.mark.parametrize("inds", [[[1, 1, 4], [4, 2, 1]], [[3, 0, 3]]])
+def test_emulated_duplicate_expert_within_a_token(inds):
+    """Not produced by top-k, but legal input: both router weights must count (one token
+    takes stage 1's plan-free path, two tokens the plan)."""
+    inds = mx.array(inds, dtype=mx.uint32)
+    x, _, scores, gate, up, down = random_problem(128, 64, inds.shape[0], 3, 5)
     y = fused_routed_experts(x, inds, scores, gate, up, down, "cpu")
     ref = routed_experts_reference(x, inds, scores, gate, up, down)
     assert relative_error(y, ref) < tolerance(4, {})
@@ -136,12 +141,16 @@ def test_emulated_shared_expert_rides_along(N, bits, gs, dtype):
     y = fused_routed_experts(x, inds, scores, gate, up, down, "cpu", shared)
     assert not np.isnan(np.array(y.astype(mx.float32))).any()
     assert relative_error(y, with_shared) < tol
+    # stage 2's warps splitting the experts: the shared one goes to the least busy warp
+    y = fused_routed_experts(x, inds, scores, gate, up, down, "cpu", shared, xs=1, nw=(4, 3))
+    assert relative_error(y, with_shared) < tol
     assert relative_error(ref, with_shared) > 10 * tol  # the shared part is not negligible
 
 
+@pytest.mark.parametrize("xs", [0, 1])
 @pytest.mark.parametrize("with_shared", [False, True])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_emulated_stage_2_adds_the_residual(with_shared, dtype):
+def test_emulated_stage_2_adds_the_residual(with_shared, dtype, xs):
     x, inds, scores, gate, up, down = random_problem(256, 128, 2, 4, 6, (4, 4), (64, 64),
                                                      dtype=dtype, seed=3)
     shared = random_shared_expert(gate, up, down, seed=3) if with_shared else None
@@ -149,7 +158,7 @@ def test_emulated_stage_2_adds_the_residual(with_shared, dtype):
     ref = reference_float32(x, inds, scores, gate, up, down) + res.astype(mx.float32)
     if shared is not None:
         ref = ref + shared_reference(x, shared, float32=True)
-    y = fused_routed_experts(x, inds, scores, gate, up, down, "cpu", shared, res)
+    y = fused_routed_experts(x, inds, scores, gate, up, down, "cpu", shared, res, xs=xs)
     assert y.dtype == dtype and not np.isnan(np.array(y.astype(mx.float32))).any()
     tol = tolerance(4, {}) if dtype == mx.float32 else probe_tolerance(dtype)
     assert relative_error(y, ref) < tol
@@ -241,15 +250,18 @@ def test_model_decodes_the_same_through_the_emulated_moe_kernels(monkeypatch):
     assert relative_error(fast, plain) < 1e-4
 
 
-def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch):
+@pytest.mark.parametrize("fused_rows", [False, True])
+def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch, fused_rows):
     """The compiled decode step (run uncompiled, so the emulated kernels can run in it) hands
     the input and q_a RMSNorms to the GEMV kernel, both residuals to the o_proj GEMV and
     stage 2 of the expert kernels, and the rest of the attention prologue to the MLA prep
-    kernel; its logits match plain MLX ops."""
+    kernel; its logits match plain MLX ops. With fused_rows q_a and kv_a are one launch
+    (layers/fused_rows.py, as the loader does on CUDA)."""
     from mlxkt.inject import optimize
     from mlxkt.kernels import mla_prep, qgemv, router
     from mlxkt.layers import mla
     from mlxkt.layers.decode_compile import set_compiled_decode
+    from mlxkt.layers.fused_rows import fuse_shared_inputs
     from tiny_models import greedy_logits as greedy, quantized_tiny
 
     model = quantized_tiny()
@@ -276,6 +288,8 @@ def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch)
     monkeypatch.setattr(dispatch, "fused_routed_experts",
                         lambda *a, **k: residuals.append(a[8] is not None) or real_moe(*a, **k))
     optimize(model, linears=True)
+    if fused_rows:
+        assert fuse_shared_inputs(model) == len(model.layers)
     set_compiled_decode(model, True)
     readies = (dispatch.kernel_ready, dispatch.gemv_ready, router.router_ready, mla.prep_ready)
     for ready in readies:
@@ -292,7 +306,9 @@ def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch)
     q_a, kv_a, q_b = (attn.q_a_proj.weight.shape[0], attn.kv_a_proj_with_mqa.weight.shape[0],
                       attn.q_b_proj.weight.shape[0])
     o = attn.o_proj.weight.shape[0]
-    assert {(q_a, True, False), (kv_a, True, False), (q_b, True, False), (o, False, True)} <= set(folds)
+    down = {(q_a + kv_a, True, False)} if fused_rows else {(q_a, True, False), (kv_a, True, False)}
+    assert down | {(q_b, True, False), (o, False, True)} <= set(folds)
+    assert fused_rows == ((q_a, True, False) not in folds)
     assert True in residuals  # the MoE layers' residual inside stage 2
     layers = len(model.layers)
     assert preps == [5] * layers + [1] * 3 * layers  # the prompt (absorbed) and each step

@@ -31,6 +31,13 @@ files; what pays off moves into the engine.
 - moe-rw4-rb4:   the routed-expert kernels with 4 row pairs per stage-1 warp and 4 rows per
                  stage-2 warp (benchmarks/kernels.py --sweep's fastest at 1 token on an
                  H200, 2026-11-26; slower at 2 and 8 tokens).
+- no-moe-xs / moe-xs3: routed-expert stage 2 at one token as before 2026-11-26 (each warp
+                 walks all experts for its own rows), resp. with 3 warps per block splitting
+                 the experts (launch keys xs, nw; with the shared expert a token's 9
+                 experts split 3/3/3 instead of the default's 3/2/2/2).
+- no-fused-rows: MLA's q_a_proj and kv_a_proj_with_mqa as two launches again instead of one
+                 stacked linear (layers/fused_rows.py; the default where the GEMV kernel
+                 runs, since 2026-11-26): the before of that change.
 - fused-proj:    projections that share their input as one linear each: q_a_proj with
                  kv_a_proj_with_mqa, and gate_proj with up_proj in the shared experts and
                  dense MLPs (rows concatenated, output split), so a decode step launches two
@@ -44,6 +51,7 @@ import mlx.nn as nn
 
 from ..layers.decode_compile import set_compiled_decode
 from ..layers.experts import RoutedExperts
+from ..layers.fused_rows import unfuse
 from ..kernels.qgemv import linear_like
 from ..layers.mla import ABSORB_MAX_L, MLAttention
 from ..layers.moe import MLP
@@ -176,10 +184,13 @@ VARIANTS = {
     "gemv": _gemv,
     "no-gemv": _no_gemv,
     "fused-proj": _fused_proj,
+    "no-fused-rows": lambda e: unfuse(e.model),
     "no-mla-kernel": _attention_switch("mla_kernel", False),
     "mla-kernel": _attention_switch("mla_kernel", True),
     "no-fused-shared": _no_fused_shared,
     "moe-rw4-rb4": _moe_launch(rw=4, rb=4),
+    "no-moe-xs": _moe_launch(xs=0),
+    "moe-xs3": _moe_launch(nw=(4, 3)),
     "no-fold": _attention_switch("fold_norms", False),
     "no-mla-prep": _attention_switch("prep_kernel", False),
     "mla-prep": _attention_switch("prep_kernel", True),

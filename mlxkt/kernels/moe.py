@@ -72,7 +72,7 @@ def fused_max_pairs(bits) -> int:
 
 
 def launch_config(D, I, bits_gu, bits_d, pairs=1, nw=(4, 4), rt=None, rw=None, sa=None,
-                  rb=None, sb=None, ue=None, dq=None, xc=0):
+                  rb=None, sb=None, ue=None, dq=None, xc=0, xs=None):
     """Warps per block, rows per warp and 16-byte chunks in flight per lane (about 8 per
     matrix row: enough to cover memory latency without spilling registers).
 
@@ -80,9 +80,11 @@ def launch_config(D, I, bits_gu, bits_d, pairs=1, nw=(4, 4), rt=None, rw=None, s
     rt (row tiles per stage-1 block), rw (gate/up row pairs per stage-1 warp at once), sa/sb
     (chunks per lane per load stage), rb (rows per stage-2 warp), ue (experts per stage-2
     load step), dq (stage 2: 1 = one shift per 8/bits values, see kt_common.h), xc (stage 1:
-    1 = x copied to float32 chunk-major first, the layout before 2026-11-26, for comparison).
-    Defaults: the H100 sweep's fastest at 4 bits (rw 2; rb 8, dq 1, so ue 1); each stage at
-    8 bits (not swept) keeps rw 1, resp. rb 2 and dq 0."""
+    1 = x copied to float32 chunk-major first, the layout before 2026-11-26, for comparison),
+    xs (stage 2: 1 = a block's warps share its rb rows and split the experts).
+    Defaults: the H100 sweep's fastest at 4 bits (rw 2; rb 8, dq 1, so ue 1; xs 1 up to 8
+    pairs: 105 against 112 µs for one token's call, 1423 against 1161 µs at 8 tokens); each
+    stage at 8 bits (not swept) keeps rw 1, resp. rb 2, dq 0 and xs 0."""
 
     def stage(chunks_per_lane, cap):
         stages = math.ceil(chunks_per_lane / cap)
@@ -91,8 +93,9 @@ def launch_config(D, I, bits_gu, bits_d, pairs=1, nw=(4, 4), rt=None, rw=None, s
     rw = rw or (2 if bits_gu <= 4 else 1)
     rb = rb or (8 if bits_d <= 4 else 2)
     dq = (1 if bits_d <= 4 else 0) if dq is None else dq
-    if dq not in (0, 1) or xc not in (0, 1):
-        raise ValueError(f"dq and xc must be 0 or 1 (got {dq!r}, {xc!r})")
+    xs = (1 if bits_d <= 4 and pairs <= 8 else 0) if xs is None else xs
+    if dq not in (0, 1) or xc not in (0, 1) or xs not in (0, 1):
+        raise ValueError(f"dq, xc and xs must be 0 or 1 (got {dq!r}, {xc!r}, {xs!r})")
     cpl_a = math.ceil(D // (128 // bits_gu) / 32)
     cpl_b = math.ceil(I // (128 // bits_d) / 32)
     sb = stage(cpl_b, sb or max(1, 8 // rb))
@@ -101,7 +104,7 @@ def launch_config(D, I, bits_gu, bits_d, pairs=1, nw=(4, 4), rt=None, rw=None, s
     rt = rt or max(1, math.ceil(I / (nw_a * rw)) * pairs // TARGET_BLOCKS)
     return {"nw_a": nw_a, "rt": rt, "rw": rw, "sa": stage(cpl_a, sa or max(1, 8 // rw)),
             "nw_b": max(2, nw[1]), "rb": rb, "sb": sb, "ue": ue or max(1, 8 // (rb * sb)),
-            "dq": dq, "xc": xc}
+            "dq": dq, "xc": xc, "xs": xs}
 
 
 @lru_cache(maxsize=None)
@@ -165,8 +168,8 @@ def launches(D, I, N, K, quant_gu, quant_d, dtype, scale_gu, scale_d, idx_dtype,
         template=[("D", D), ("I", I), ("BITS", bits_d), ("GS", gs_d), ("NT", N), ("K", K),
                   ("NW", nw_b), ("RB", rb), ("UE", cfg["ue"]), ("SB", cfg["sb"]),
                   ("T", dtype), ("ST", scale_d), ("DQ", cfg["dq"]), ("SH", SH),
-                  ("RES", int(res))],
-        grid=(math.ceil(D / (nw_b * rb)) * nw_b * 32, 1, 1),
+                  ("RES", int(res)), ("XS", cfg["xs"])],
+        grid=(math.ceil(D / (rb if cfg["xs"] else nw_b * rb)) * nw_b * 32, 1, 1),
         threadgroup=(nw_b * 32, 1, 1),
         output_shapes=[(N, D)],
         output_dtypes=[dtype],

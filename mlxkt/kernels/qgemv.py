@@ -55,8 +55,9 @@ def launch_config(O, D, bits, gs, tokens=1, nw=None, rpw=None, wp=None, sa=None)
     if gs % (vpw * wp) or D % (vpw * wp):
         raise ValueError(f"{wp} words per piece do not tile groups of {gs} and rows of {D}")
     pieces = D // (vpw * wp)
-    nw = nw or max(1, min(8, round(pieces / 64)))
-    rpw = rpw or min(8, nw * 32 // tokens)
+    short = pieces < 64 and nw is None and rpw is None  # q_b_proj: 2 x 4 beat 1 x 8 by 10%
+    nw = nw or (2 if short else max(1, min(8, round(pieces / 64))))
+    rpw = rpw or min(4 if short else 8, nw * 32 // tokens)
     if rpw * tokens > nw * 32:
         raise ValueError("rows per block x tokens must not exceed the block's threads")
     ppt = math.ceil(pieces / (nw * 32))

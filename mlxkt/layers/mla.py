@@ -21,6 +21,7 @@ from ..kernels import mla_decode, mla_prep
 from ..kernels.dispatch import checked, gpu_backend, kernels_enabled, probe_tolerance
 from .cpu_heads import split_heads
 from .key_padding import padded_keys
+from .fused_rows import split_call
 from .qlinear import KernelQuantizedLinear, norm_linear
 
 # Query lengths up to this use the absorbed path.
@@ -131,16 +132,12 @@ class MLAttention(nn.Module):
 
     def projections(self, x: mx.array, norm=None):
         """x: [B, L, D] -> q [B, L, H * q_head_dim], kv [B, L, kv_lora_rank + rope]"""
-        if self.q_lora_rank is None:
-            if norm is not None and not isinstance(self.q_proj, KernelQuantizedLinear):
-                x, norm = norm(x), None  # once, not per projection
-            q, kv = norm_linear(self.q_proj, x, norm), norm_linear(self.kv_a_proj_with_mqa, x, norm)
-        else:
-            q_a, kv = self.down_projections(x, norm)
+        q, kv = self.down_projections(x, norm)
+        if self.q_lora_rank is not None:
             if self.fold_norms:
-                q = norm_linear(self.q_b_proj, q_a, self.q_a_layernorm)
+                q = norm_linear(self.q_b_proj, q, self.q_a_layernorm)
             else:
-                q = self.q_b_proj(self.q_a_layernorm(q_a))
+                q = self.q_b_proj(self.q_a_layernorm(q))
         return q, kv
 
     def split_rope(self, q: mx.array, kv: mx.array, offset=0):
@@ -154,12 +151,23 @@ class MLAttention(nn.Module):
         k_pe = k_pe.reshape(B, 1, L, self.qk_rope_head_dim)
         return q_nope, self.rope(q_pe, offset), latent, self.rope(k_pe, offset)
 
+    def fusable_rows(self):
+        """The two projections of the layer's input (layers/fused_rows.py stacks them)."""
+        return self.q_projection(), self.kv_a_proj_with_mqa
+
+    def q_projection(self):
+        return self.q_proj if self.q_lora_rank is None else self.q_a_proj
+
     def down_projections(self, x: mx.array, norm=None):
-        """x (or norm(x)) -> q LoRA input, kv latent + rope: two projections of the same x
-        (the bench variant fused-proj makes them one launch)."""
-        if norm is not None and not isinstance(self.q_a_proj, KernelQuantizedLinear):
+        """x (or norm(x)) -> q LoRA input (q itself without a q LoRA), kv latent + rope: two
+        projections of the same x, one launch where fused_rows stacked them."""
+        first = self.q_projection()
+        fused = self.__dict__.get("fused_rows")
+        if fused is not None:
+            return split_call(fused, x, first.weight.shape[0], norm)
+        if norm is not None and not isinstance(first, KernelQuantizedLinear):
             x, norm = norm(x), None  # once, not per projection
-        return norm_linear(self.q_a_proj, x, norm), norm_linear(self.kv_a_proj_with_mqa, x, norm)
+        return norm_linear(first, x, norm), norm_linear(self.kv_a_proj_with_mqa, x, norm)
 
     def absorbed_queries(self, x: mx.array, offset=0, norm=None):
         """project() with the queries moved into latent space (decode, MTP verification).
