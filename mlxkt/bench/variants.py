@@ -38,6 +38,9 @@ files; what pays off moves into the engine.
 - no-fused-rows: MLA's q_a_proj and kv_a_proj_with_mqa as two launches again instead of one
                  stacked linear (layers/fused_rows.py; the default where the GEMV kernel
                  runs, since 2026-11-26): the before of that change.
+- host-pos:      the compiled decode step's position (and the MLA kernels' meta) read by
+                 every layer from the host-made array itself, not from one GPU copy
+                 (layers/decode_compile.StepArrays; the copy is the default on GPUs).
 - fused-proj:    projections that share their input as one linear each: q_a_proj with
                  kv_a_proj_with_mqa, and gate_proj with up_proj in the shared experts and
                  dense MLPs (rows concatenated, output split), so a decode step launches two
@@ -166,6 +169,13 @@ def _fused_proj(engine: Engine):
     mx.eval([m.parameters() for m in made])  # held by the closures, not the model
 
 
+def _host_positions(engine: Engine):
+    for layer in engine.model.layers:
+        compiled = getattr(layer, "compiled_decode", None)
+        if compiled is not None:
+            compiled.steps.device_copy = False
+
+
 def _attention_switch(name: str, on: bool):
     """A variant that sets one plain attribute (a switch) of every MLAttention."""
     def apply(engine: Engine):
@@ -185,6 +195,7 @@ VARIANTS = {
     "no-gemv": _no_gemv,
     "fused-proj": _fused_proj,
     "no-fused-rows": lambda e: unfuse(e.model),
+    "host-pos": _host_positions,
     "no-mla-kernel": _attention_switch("mla_kernel", False),
     "mla-kernel": _attention_switch("mla_kernel", True),
     "no-fused-shared": _no_fused_shared,

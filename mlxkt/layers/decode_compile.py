@@ -41,17 +41,25 @@ class StepArrays:
     """Small device arrays that every layer of one decode step needs alike (the position for
     rope, the MLA kernels' meta), made once per step for all the layers of a model instead
     of once per layer: each host-made array is one more host-to-device transfer, and a
-    kernel's first read of it costs the GPU ~10 µs (H200, managed memory)."""
+    kernel's first read of it costs the GPU ~10 µs (H200, managed memory).
 
-    def __init__(self):
+    With `device_copy` (the default on GPUs) each is copied once by a GPU op (`+ 0`) and the
+    layers read the copy: MLX CUDA keeps host-made scalars in a shared pool of managed memory
+    that the host writes again while the GPU runs the step, so every layer's read of the
+    original may fault its page back (the MLA prologue kernel, which reads the position,
+    took 9-13 µs per call on H100/H200 for a few KB of work)."""
+
+    def __init__(self, device_copy: bool = False):
         self.offset = None
         self.arrays = {}
+        self.device_copy = device_copy
 
     def get(self, offset: int, key, make):
         if offset != self.offset:  # a new step (or the MTP layer's own position)
             self.offset, self.arrays = offset, {}
         if key not in self.arrays:
-            self.arrays[key] = make()
+            arr = make()
+            self.arrays[key] = arr + 0 if self.device_copy else arr
         return self.arrays[key]
 
 
@@ -118,7 +126,7 @@ def set_compiled_decode(model, on: bool = True) -> None:
     layers = list(getattr(model, "layers", []))
     if "mtp" in model:
         layers += list(model.mtp.layers)
-    steps = StepArrays()  # shared by the model's layers
+    steps = StepArrays(device_copy=gpu_backend() is not None)  # shared by the model's layers
     for layer in layers:
         if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "absorbed_queries"):
             layer.compiled_decode = CompiledDecode(layer, steps) if on else None
