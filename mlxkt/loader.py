@@ -10,10 +10,9 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model
 from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
-from .kernels.dispatch import gemv_enabled, gpu_backend, kernel_backend
+from .kernels.dispatch import gemv_enabled, kernel_backend
 from .layers.decode_compile import compile_default, set_compiled_decode
-from .loader_utils import (cast_floats, dense_one_group_layers, device_resident_constants,
-                           mlx_cuda_one_group_bug)
+from .loader_utils import cast_floats, dense_one_group_layers, mlx_cuda_one_group_bug
 from .models import get_model_classes
 from .mtp import load_mtp
 from .safetensors_header import tensor_names
@@ -92,8 +91,6 @@ def device_passes(model: nn.Module, compile: Optional[bool] = None) -> None:
     """Module swaps for the device, once the model's weights are in place (both loaders)."""
     if mlx_cuda_one_group_bug():  # MLX CUDA qmm is wrong or missing for one-group rows
         dense_one_group_layers(model)
-    if gpu_backend() == "cuda":  # small constants out of managed memory
-        device_resident_constants(model)
     if gemv_enabled(kernel_backend()):  # dense linears through the GEMV kernel (CUDA)
         from .inject import optimize
         from .layers.fused_rows import fuse_shared_inputs

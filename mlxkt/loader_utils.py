@@ -76,30 +76,3 @@ def eval_constants(model: nn.Module) -> int:
               if k.startswith("_") and isinstance(v, mx.array)]
     mx.eval(arrays)
     return len(arrays)
-
-
-SMALL_ARRAY_BYTES = 1 << 20
-
-
-def small_arrays(model: nn.Module, limit: int = SMALL_ARRAY_BYTES):
-    """(module, key, array) for every array a module holds directly (parameters and private
-    constants) of at most `limit` bytes: norm weights, router biases, rope tables."""
-    for m in model.modules():
-        for k, v in m.items():
-            if isinstance(v, mx.array) and v.nbytes <= limit:
-                yield m, k, v
-
-
-def device_resident_constants(model: nn.Module, limit: int = SMALL_ARRAY_BYTES) -> int:
-    """Replace the model's small arrays with copies made by a GPU op (-> count).
-
-    MLX CUDA keeps arrays made on the host (loaded weights, constants) in managed memory,
-    where small ones share pages with the arrays the host keeps making while the GPU runs a
-    step; a kernel that reads such a page after the host wrote it waits for the page to
-    migrate back. Copies made by a GPU op live in device memory. Large weights have pages of
-    their own and stay where they are (a copy would double them for a moment)."""
-    items = list(small_arrays(model, limit))
-    for m, k, v in items:
-        m[k] = v * 1  # exact for every numeric type, -0.0 and NaN included
-    mx.eval([m[k] for m, k, _ in items])
-    return len(items)

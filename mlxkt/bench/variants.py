@@ -41,9 +41,6 @@ files; what pays off moves into the engine.
 - host-pos:      the compiled decode step's position (and the MLA kernels' meta) read by
                  every layer from the host-made array itself, not from one GPU copy
                  (layers/decode_compile.StepArrays; the copy is the default on GPUs).
-- managed-consts: the model's small arrays (norm weights, router biases, rope tables) copied
-                 back to host-made arrays, i.e. managed memory on CUDA, where the loader
-                 keeps them before device_resident_constants (loader_utils; default on CUDA).
 - fused-proj:    projections that share their input as one linear each: q_a_proj with
                  kv_a_proj_with_mqa, and gate_proj with up_proj in the shared experts and
                  dense MLPs (rows concatenated, output split), so a decode step launches two
@@ -179,20 +176,6 @@ def _host_positions(engine: Engine):
             compiled.steps.device_copy = False
 
 
-def _managed_constants(engine: Engine):
-    import numpy as np
-
-    from ..loader_utils import small_arrays
-
-    items = list(small_arrays(engine.model))
-    for m, k, v in items:  # through numpy: a host-made array (bf16 as its 16-bit pattern)
-        if v.dtype == mx.bfloat16:
-            m[k] = mx.array(np.array(v.view(mx.uint16))).view(mx.bfloat16)
-        else:
-            m[k] = mx.array(np.array(v))
-    mx.eval([m[k] for m, k, _ in items])
-
-
 def _attention_switch(name: str, on: bool):
     """A variant that sets one plain attribute (a switch) of every MLAttention."""
     def apply(engine: Engine):
@@ -213,7 +196,6 @@ VARIANTS = {
     "fused-proj": _fused_proj,
     "no-fused-rows": lambda e: unfuse(e.model),
     "host-pos": _host_positions,
-    "managed-consts": _managed_constants,
     "no-mla-kernel": _attention_switch("mla_kernel", False),
     "mla-kernel": _attention_switch("mla_kernel", True),
     "no-fused-shared": _no_fused_shared,

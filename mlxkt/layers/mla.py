@@ -6,7 +6,6 @@ verification) the up-projections are absorbed into the query and the output, so 
 runs directly over the latent; for long prefills expanding K/V per head is cheaper.
 """
 
-import dataclasses
 from functools import lru_cache
 from typing import Any, Optional
 
@@ -194,9 +193,7 @@ class MLAttention(nn.Module):
         sig = (B, L, H, nope, P, self.kv_lora_rank, q.dtype, self.prep_rope.traditional)
         if not prep_ready(backend, sig):
             return None
-        # the table as the module holds it now (device_resident_constants may have moved it)
-        rope = dataclasses.replace(self.prep_rope, inv=self["_prep_inv"])
-        return mla_prep.mla_prep(q, kv, self.kv_a_layernorm, offset, rope, H, nope, P,
+        return mla_prep.mla_prep(q, kv, self.kv_a_layernorm, offset, self.prep_rope, H, nope, P,
                                  self.scale, backend)
 
     def attend(self, q, q_pe, k, v, k_pe, mask=None, valid=None):
