@@ -94,7 +94,8 @@ def test_decode_cache_fill_sets_context(tiny_dir):
 @pytest.mark.parametrize("variant", ["compiled", "eager", "compiled+mla-gemm", "no-segments",
                                      "fused-proj", "compiled+fused-proj", "compiled+no-fold",
                                      "compiled+pad-keys", "compiled+no-mla-prep", "moe-rw4-rb4",
-                                     "no-moe-xs", "moe-xs3", "no-fused-rows", "compiled+host-pos"])
+                                     "no-moe-xs", "moe-xs3", "no-fused-rows", "compiled+host-pos",
+                                     "compiled+addmm-scores"])
 def test_variants_decode_like_the_engine(tiny_dir, variant, monkeypatch):
     from mlxkt.bench import variants
 

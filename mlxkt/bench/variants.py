@@ -38,6 +38,9 @@ files; what pays off moves into the engine.
 - no-fused-rows: MLA's q_a_proj and kv_a_proj_with_mqa as two launches again instead of one
                  stacked linear (layers/fused_rows.py; the default where the GEMV kernel
                  runs, since 2026-11-26): the before of that change.
+- no-addmm-scores / addmm-scores: decode attention scores by MLX's SDPA (scale, GEMM, mask
+                 add as kernels of their own) / by one mx.addmm (layers/mla_scores.py; the
+                 default on CUDA since 2026-11-26).
 - host-pos:      the compiled decode step's position (and the MLA kernels' meta) read by
                  every layer from the host-made array itself, not from one GPU copy
                  (layers/decode_compile.StepArrays; the copy is the default on GPUs).
@@ -196,6 +199,8 @@ VARIANTS = {
     "fused-proj": _fused_proj,
     "no-fused-rows": lambda e: unfuse(e.model),
     "host-pos": _host_positions,
+    "no-addmm-scores": _attention_switch("addmm_scores", False),
+    "addmm-scores": _attention_switch("addmm_scores", True),
     "no-mla-kernel": _attention_switch("mla_kernel", False),
     "mla-kernel": _attention_switch("mla_kernel", True),
     "no-fused-shared": _no_fused_shared,

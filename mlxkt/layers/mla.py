@@ -20,6 +20,7 @@ from ..device import env_switch
 from ..kernels import mla_decode, mla_prep
 from ..kernels.dispatch import checked, gpu_backend, kernels_enabled, probe_tolerance
 from .cpu_heads import split_heads
+from . import mla_scores
 from .key_padding import padded_keys
 from .fused_rows import split_call
 from .qlinear import KernelQuantizedLinear, norm_linear
@@ -84,6 +85,8 @@ class MLAttention(nn.Module):
     prep_kernel: Optional[bool] = None
     # None: key_padding decides (CUDA, long caches); False/True: never/always.
     pad_keys: Optional[bool] = None
+    # None: mla_scores decides (CUDA); False/True: decode scores by SDPA / by one addmm.
+    addmm_scores: Optional[bool] = None
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -214,6 +217,8 @@ class MLAttention(nn.Module):
         return self.attend(q, q_pe, latent, latent, k_pe, mask, valid=valid)
 
     def attend_heads(self, q, q_pe, k, v, k_pe, mask=None, valid=None):
+        if k.shape[1] == 1 and q.shape[2] <= ABSORB_MAX_L and mla_scores.enabled(self.addmm_scores):
+            return mla_scores.addmm_attention(q, q_pe, k, v, k_pe, self.scale, mask, valid)
         pe_scores = q_pe @ k_pe.swapaxes(-1, -2)  # [B, H, L, S]
         if valid is not None:
             pe_scores[..., valid:] = mx.array(-float("inf"), pe_scores.dtype)
