@@ -102,7 +102,11 @@ def _replaceable(module, kind: str) -> bool:
 
 
 def plain_linears(model: nn.Module) -> int:
-    """Undo optimize's linear swaps (nn.QuantizedLinear again, same arrays): for A/B runs."""
+    """Undo optimize's linear swaps (nn.QuantizedLinear again, same arrays), stacked
+    projections included (layers/fused_rows.py): for A/B runs."""
+    from .layers.fused_rows import unfuse
+
+    unfuse(model)
     swaps = []
     for path, m in model.named_modules():
         if isinstance(m, KernelQuantizedLinear):

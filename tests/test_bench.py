@@ -84,6 +84,22 @@ def test_breakdown_of_a_compiled_engine_times_its_modules(tiny_dir):
     assert all(layer.compiled_decode is not None for layer in e.model.layers)  # restored
 
 
+def test_breakdown_times_stacked_projections_as_the_two_linears(tiny_dir):
+    """With MLA's q_a/kv_a stacked (as the loader does on CUDA) the breakdown calls them one
+    by one, so each stand-in sees its calls, and leaves them stacked afterwards."""
+    from mlxkt.bench.breakdown import breakdown
+    from mlxkt.inject import optimize
+    from mlxkt.layers.fused_rows import fuse_shared_inputs
+
+    e = measure.mlxkt_engine(tiny_dir, dtype=mx.float32)
+    optimize(e.model, rules=(), linears=True)
+    assert fuse_shared_inputs(e.model) == len(e.model.layers)
+    b = breakdown(e, 40, reps=2)
+    share = {r["component"]: r["share"] for r in b["rows"]}
+    assert share["self_attn.q_a_proj"] > 0 and share["self_attn.kv_a_proj_with_mqa"] > 0
+    assert all("fused_rows" in vars(layer.self_attn) for layer in e.model.layers)
+
+
 def test_decode_cache_fill_sets_context(tiny_dir):
     e = measure.mlxkt_engine(tiny_dir)
     cache = measure.fill_cache(e, 100)

@@ -9,6 +9,7 @@ parent minus its timed children: rope, the score matmuls, softmax, the cache upd
 and routing glue. Works for mlxkt and mlx-lm DeepSeek models (same module names). Where
 the routed-expert kernels compute the shared expert, it is not timed apart: its time is in
 switch_mlp's (a stand-in for the shared MLP would take it out of the kernels' launches).
+MLA's stacked q_a/kv_a projection (layers/fused_rows.py) is timed as the two linears.
 """
 
 import time
@@ -19,6 +20,7 @@ import mlx.nn as nn
 from ..kernels.dispatch import kernel_backend, shared_fits
 from ..layers.decode_compile import eager_decode
 from ..layers.experts import RoutedExperts
+from ..layers.fused_rows import unfused
 from .measure import Engine, fill_cache
 
 ATTN = ["q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa",
@@ -121,7 +123,7 @@ def breakdown(engine: Engine, context: int, reps: int = 10, tokens: int = 1) -> 
     position `context`, for each component, summed over layers. Compiled decode layers
     replay traces that the module hooks cannot see, so they are timed eagerly
     ("eager_modules": true)."""
-    with eager_decode(engine.model) as compiled:
+    with eager_decode(engine.model) as compiled, unfused(engine.model):
         return dict(_breakdown(engine, context, reps, tokens), eager_modules=compiled)
 
 
@@ -136,9 +138,11 @@ def _breakdown(engine: Engine, context: int, reps: int, tokens: int) -> dict:
         _set(owner, path, rec)
         recorders.append((key, owner, path, rec))
     tok = mx.random.randint(2, model.args.vocab_size, (1, tokens), key=mx.random.key(1))
-    logits = model(tok, cache=cache)
-    for _, owner, path, rec in reversed(recorders):  # restore, innermost last
-        _set(owner, path, rec.inner)
+    try:
+        logits = model(tok, cache=cache)
+    finally:  # a failed forward must not leave the stand-ins in the model
+        for _, owner, path, rec in reversed(recorders):  # restore, innermost last
+            _set(owner, path, rec.inner)
     mx.eval(logits, [rec.calls for *_, rec in recorders])
 
     sync = _sync_cost(reps)

@@ -11,6 +11,7 @@ The owner module keeps the stacked linear as a plain attribute (not a child modu
 is not a second set of parameters) and calls `split_call`.
 """
 
+import contextlib
 from typing import Optional
 
 import mlx.core as mx
@@ -42,7 +43,8 @@ def fuse_rows(a: nn.Module, b: nn.Module) -> Optional[nn.Module]:
 
 
 def split_call(fused: nn.Module, x: mx.array, n: int, norm=None):
-    """(first n outputs, the rest) of fused(norm(x)), the norm folded into the launch."""
+    """(first n outputs, the rest) of fused(norm(x)), the norm folded into the launch;
+    n < 0 counts from the end."""
     # x: [..., D] -> [..., n], [..., O - n]
     return tuple(mx.split(norm_linear(fused, x, norm), [n], axis=-1))
 
@@ -61,7 +63,20 @@ def fuse_shared_inputs(model: nn.Module) -> int:
     return len(made)
 
 
-def unfuse(model: nn.Module) -> None:
-    """Back to one launch per projection (the same arrays): the bench's before."""
-    for _, m in model.named_modules():
-        m.__dict__.pop("fused_rows", None)
+def unfuse(model: nn.Module) -> list:
+    """Back to one launch per projection (the same arrays): the bench's before. Returns
+    what `refuse` needs to undo it."""
+    return [(m, m.__dict__.pop("fused_rows")) for _, m in model.named_modules()
+            if "fused_rows" in m.__dict__]
+
+
+@contextlib.contextmanager
+def unfused(model: nn.Module):
+    """The projections called one by one inside the block (the bench's per-module
+    breakdown, whose stand-ins would not see a stacked call), stacked again after it."""
+    saved = unfuse(model)
+    try:
+        yield
+    finally:
+        for m, fused in saved:
+            m.__dict__["fused_rows"] = fused

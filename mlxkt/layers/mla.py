@@ -164,10 +164,10 @@ class MLAttention(nn.Module):
     def down_projections(self, x: mx.array, norm=None):
         """x (or norm(x)) -> q LoRA input (q itself without a q LoRA), kv latent + rope: two
         projections of the same x, one launch where fused_rows stacked them."""
-        first = self.q_projection()
         fused = self.__dict__.get("fused_rows")
-        if fused is not None:
-            return split_call(fused, x, first.weight.shape[0], norm)
+        if fused is not None:  # the kv part's width: the linears may be wrapped (bench)
+            return split_call(fused, x, -(self.kv_lora_rank + self.qk_rope_head_dim), norm)
+        first = self.q_projection()
         if norm is not None and not isinstance(first, KernelQuantizedLinear):
             x, norm = norm(x), None  # once, not per projection
         return norm_linear(first, x, norm), norm_linear(self.kv_a_proj_with_mqa, x, norm)
