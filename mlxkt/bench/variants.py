@@ -43,7 +43,7 @@ files; what pays off moves into the engine.
                  default on CUDA since 2026-11-26).
 - host-pos:      the compiled decode step's position (and the MLA kernels' meta) read by
                  every layer from the host-made array itself, not from one GPU copy
-                 (layers/decode_compile.StepArrays; the copy is the default on GPUs).
+                 (layers/decode_compile.StepArrays; the copy is the default on CUDA).
 - fused-proj:    projections that share their input as one linear each: q_a_proj with
                  kv_a_proj_with_mqa, and gate_proj with up_proj in the shared experts and
                  dense MLPs (rows concatenated, output split), so a decode step launches two

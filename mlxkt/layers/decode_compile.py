@@ -43,7 +43,7 @@ class StepArrays:
     of once per layer: each host-made array is one more host-to-device transfer, and a
     kernel's first read of it costs the GPU ~10 µs (H200, managed memory).
 
-    With `device_copy` (the default on GPUs) each is copied once by a GPU op (`+ 0`) and the
+    With `device_copy` (the default on CUDA) each is copied once by a GPU op (`+ 0`) and the
     layers read the copy: MLX CUDA keeps host-made scalars in a shared pool of managed memory
     that the host writes again while the GPU runs the step, so every layer's read of the
     original may fault its page back (the MLA prologue kernel, which reads the position,
@@ -126,7 +126,7 @@ def set_compiled_decode(model, on: bool = True) -> None:
     layers = list(getattr(model, "layers", []))
     if "mtp" in model:
         layers += list(model.mtp.layers)
-    steps = StepArrays(device_copy=gpu_backend() is not None)  # shared by the model's layers
+    steps = StepArrays(device_copy=gpu_backend() == "cuda")  # shared by the model's layers
     for layer in layers:
         if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "absorbed_queries"):
             layer.compiled_decode = CompiledDecode(layer, steps) if on else None
