@@ -176,8 +176,15 @@ def test_launch_config_keeps_loads_bounded():
             == 2 * moe.launch_config(7168, 2048, 4, 4, pairs=64)["rt"])
     with pytest.raises(ValueError):
         moe.launch_config(7168, 2048, 4, 4, dq=2)
-    with pytest.raises(TypeError):  # the variants the sweep dropped
-        moe.launch_config(7168, 2048, 4, 4, xs=1)
+    with pytest.raises(ValueError):
+        moe.launch_config(7168, 2048, 4, 4, xs=2)
+    with pytest.raises(TypeError):  # no such key
+        moe.launch_config(7168, 2048, 4, 4, xw=1)
+    # Stage 2's warps split the experts up to 8 pairs at <= 4 bits only (2026-11-26 sweep).
+    assert moe.launch_config(7168, 2048, 4, 4, pairs=8)["xs"] == 1
+    assert moe.launch_config(7168, 2048, 4, 4, pairs=16)["xs"] == 0
+    assert moe.launch_config(7168, 2048, 8, 8, pairs=8)["xs"] == 0
+    assert moe.launch_config(7168, 2048, 4, 4, pairs=64, xs=1)["xs"] == 1
 
 
 @pytest.mark.parametrize("bits,N,fused", [(4, 8, True), (2, 8, True), (8, 2, True),
