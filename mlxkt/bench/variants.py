@@ -53,12 +53,10 @@ files; what pays off moves into the engine.
 from functools import partial
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from ..layers.decode_compile import set_compiled_decode
 from ..layers.experts import RoutedExperts
-from ..layers.fused_rows import unfuse
-from ..kernels.qgemv import linear_like
+from ..layers.fused_rows import concat_linears, unfuse
 from ..layers.mla import ABSORB_MAX_L, MLAttention
 from ..layers.moe import MLP
 from ..layers.qlinear import norm_linear
@@ -130,23 +128,6 @@ def _no_gemv(engine: Engine):
     from ..inject import plain_linears
 
     plain_linears(engine.model)
-
-
-def concat_linears(a, b):
-    """One linear computing [a(x), b(x)] (rows of a, then b), or None where a and b differ
-    in kind, quantization or bias."""
-    if any("bias" in m for m in (a, b)) or type(a) is not type(b):
-        return None
-    if isinstance(a, nn.QuantizedLinear):
-        if (a.bits, a.group_size, getattr(a, "mode", "affine")) != (b.bits, b.group_size, getattr(b, "mode", "affine")):
-            return None
-        arrays = {k: mx.concatenate([a[k], b[k]]) for k in ("weight", "scales", "biases") if k in a}
-        return linear_like(a, type(a), **arrays)
-    if isinstance(a, nn.Linear):
-        fused = nn.Linear(1, 1, bias=False)
-        fused.weight = mx.concatenate([a.weight, b.weight])
-        return fused
-    return None
 
 
 def _split_by(fused, n: int):

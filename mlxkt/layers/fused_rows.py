@@ -23,19 +23,36 @@ from .qlinear import KernelQuantizedLinear, norm_linear
 ARRAYS = ("weight", "scales", "biases")
 
 
+def concat_linears(a, b):
+    """One linear computing [a(x), b(x)] (rows of a, then b), or None where a and b differ
+    in kind, quantization or bias. a and b keep their own arrays (see fuse_rows)."""
+    if any("bias" in m for m in (a, b)) or type(a) is not type(b):
+        return None
+    if isinstance(a, nn.QuantizedLinear):
+        if (a.bits, a.group_size, getattr(a, "mode", "affine")) != (
+                b.bits, b.group_size, getattr(b, "mode", "affine")):
+            return None
+        arrays = {k: mx.concatenate([a[k], b[k]]) for k in ARRAYS if k in a}
+        return linear_like(a, type(a), **arrays)
+    if isinstance(a, nn.Linear):
+        fused = nn.Linear(1, 1, bias=False)
+        fused.weight = mx.concatenate([a.weight, b.weight])
+        return fused
+    return None
+
+
 def fuse_rows(a: nn.Module, b: nn.Module) -> Optional[nn.Module]:
     """One linear computing [a(x), b(x)], with a's and b's arrays turned into views of its
     own; None (nothing changed) unless both are KernelQuantizedLinear layers of the same
     quantization without bias."""
     if type(a) is not KernelQuantizedLinear or type(b) is not KernelQuantizedLinear:
         return None
-    if any("bias" in m for m in (a, b)) or (a.bits, a.group_size, a.mode) != (
-            b.bits, b.group_size, b.mode) or a.scales.dtype != b.scales.dtype or (
-            a.weight.shape[1] != b.weight.shape[1]):
+    if a.scales.dtype != b.scales.dtype or a.weight.shape[1] != b.weight.shape[1]:
+        return None
+    fused = concat_linears(a, b)
+    if fused is None:
         return None
     n = a.weight.shape[0]
-    fused = linear_like(a, KernelQuantizedLinear,
-                        **{k: mx.concatenate([a[k], b[k]]) for k in ARRAYS})
     for k in ARRAYS:  # slices of an evaluated array share its buffer
         setattr(a, k, fused[k][:n])
         setattr(b, k, fused[k][n:])
