@@ -109,8 +109,47 @@ def host_costs(engine, context: int, reps: int = 10) -> dict:
     return dict(zip(["build_ms", "async_eval_ms", "wait_ms", "step_ms"], med))
 
 
+def graph_nodes(y) -> dict:
+    """Unevaluated nodes of y's graph by primitive (mx.export_to_dot): what async_eval walks.
+    Views and reshapes count too: MLX spends host time on every node, kernel or not."""
+    import re
+
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "g.dot"
+        mx.export_to_dot(str(f), y)
+        names = re.findall(r'label ="([A-Za-z]+)', f.read_text())
+    counts = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def host_profile(engine, context: int, reps: int = 20, top: int = 25) -> dict:
+    """cProfile of `reps` unpipelined graph builds (the Python side of a step) and the graph's
+    nodes by primitive."""
+    import cProfile
+    import io
+    import pstats
+
+    cache = measure.fill_cache(engine, context - 1)
+    tok = mx.array([[3]])
+    mx.eval(engine.model(tok, cache=cache))
+    prof = cProfile.Profile()
+    for _ in range(reps):
+        prof.enable()
+        y = engine.model(tok, cache=cache)[:, -1].argmax(-1)
+        prof.disable()
+        nodes = graph_nodes(y)
+        mx.eval(y)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return {"nodes": nodes, "nodes_total": sum(nodes.values()), "cprofile": out.getvalue()}
+
+
 def main(layers: int = 8, experts: int = 32, context: int = 1024, tokens: int = 32,
-         engines: str = "mlxkt,mlx-lm", top: int = 40, workdir: str = "/tmp/w8", json_out: str = typer.Option(None, "--json")):
+         engines: str = "mlxkt,mlx-lm", top: int = 40, workdir: str = "/tmp/w8",
+         json_out: str = typer.Option(None, "--json"),
+         host: bool = typer.Option(False, help="also cProfile the graph build, count its nodes")):
     config = slice_config("dsv3", layers, experts)
     path = write_model_in_child(Path(workdir) / f"synth-dsv3-{layers}l-{experts}e-4b", config)
     made = {"mlxkt": measure.mlxkt_engine, "mlx-lm": measure.mlx_lm_engine}
@@ -125,6 +164,8 @@ def main(layers: int = 8, experts: int = 32, context: int = 1024, tokens: int = 
         r = {"warmup_s": time.perf_counter() - t0,
              "active_gb": measure.active_bytes(e.model)["per_token"] / 1e9}
         r["host"] = host_costs(e, context)
+        if host:
+            r["host_profile"] = host_profile(e, context)
         r["profile"] = profile_decode(e, context, tokens, top=top)
         result["engines"][name] = r
         del e
@@ -140,6 +181,11 @@ def main(layers: int = 8, experts: int = 32, context: int = 1024, tokens: int = 
         print(f"   {'us/token':>9} {'n/token':>7}  kernel")
         for t in p["top"]:
             print(f"   {t['us_per_token']:9.1f} {t['per_token']:7.1f}  {t['name']}")
+        if "host_profile" in r:
+            hp = r["host_profile"]
+            print(f"   graph nodes per step: {hp['nodes_total']}: " +
+                  ", ".join(f"{k} {v}" for k, v in hp["nodes"].items()))
+            print(hp["cprofile"])
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=1))
 

@@ -111,7 +111,7 @@ def test_decode_cache_fill_sets_context(tiny_dir):
                                      "fused-proj", "compiled+fused-proj", "compiled+no-fold",
                                      "compiled+pad-keys", "compiled+no-mla-prep", "moe-rw4-rb4",
                                      "no-moe-xs", "moe-xs3", "no-fused-rows", "compiled+host-pos",
-                                     "compiled+addmm-scores"])
+                                     "compiled+addmm-scores", "compiled+gate-norm"])
 def test_variants_decode_like_the_engine(tiny_dir, variant, monkeypatch):
     from mlxkt.bench import variants
 

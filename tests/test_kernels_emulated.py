@@ -258,19 +258,25 @@ def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch,
     kernel; its logits match plain MLX ops. With fused_rows q_a and kv_a are one launch
     (layers/fused_rows.py, as the loader does on CUDA)."""
     from mlxkt.inject import optimize
-    from mlxkt.kernels import mla_prep, qgemv, router
+    from mlxkt.kernels import gate_norm, mla_prep, qgemv, router
     from mlxkt.layers import mla
     from mlxkt.layers.decode_compile import set_compiled_decode
     from mlxkt.layers.fused_rows import fuse_shared_inputs
+    from mlxkt.layers.moe import DeepseekMoE
     from tiny_models import greedy_logits as greedy, quantized_tiny
 
     model = quantized_tiny()
     monkeypatch.setenv(dispatch.ENV, "0")
     plain = greedy(model)
     monkeypatch.delenv(dispatch.ENV)
-    for mod in (dispatch, router, mla):
+    for mod in (dispatch, router, mla, gate_norm):
         monkeypatch.setattr(mod, "gpu_backend", lambda: "cpu")
     monkeypatch.setenv(mla_prep.ENV, "1")
+    monkeypatch.setenv(gate_norm.ENV, "1")
+    normed = []
+    real_gate_norm = gate_norm.gate_norm
+    monkeypatch.setattr(gate_norm, "gate_norm",
+                        lambda h, *a: normed.append(h.shape[:-1]) or real_gate_norm(h, *a))
     preps = []
     real_prep = mla_prep.mla_prep
 
@@ -291,7 +297,8 @@ def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch,
     if fused_rows:
         assert fuse_shared_inputs(model) == len(model.layers)
     set_compiled_decode(model, True)
-    readies = (dispatch.kernel_ready, dispatch.gemv_ready, router.router_ready, mla.prep_ready)
+    readies = (dispatch.kernel_ready, dispatch.gemv_ready, router.router_ready, mla.prep_ready,
+               gate_norm.ready)
     for ready in readies:
         ready.cache_clear()
     mx.disable_compile()
@@ -310,6 +317,10 @@ def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch,
     assert down | {(q_b, True, False), (o, False, True)} <= set(folds)
     assert fused_rows == ((q_a, True, False) not in folds)
     assert True in residuals  # the MoE layers' residual inside stage 2
+    moe_layers = sum(isinstance(layer.mlp, DeepseekMoE) for layer in model.layers)
+    # norm + logits in one launch for the prompt and each step, eager (priming) or compiled
+    assert moe_layers and normed.count((1, 1)) == 3 * moe_layers, normed
+    assert normed.count((1, 5)) == moe_layers
     layers = len(model.layers)
     assert preps == [5] * layers + [1] * 3 * layers  # the prompt (absorbed) and each step
     assert mx.array_equal(fast.argmax(-1), plain.argmax(-1))

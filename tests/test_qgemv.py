@@ -89,6 +89,19 @@ def test_emulated_kernel_folds_norm_and_residual(O, D, N, dtype, gdtype, norm_on
 
 
 @emulated
+@pytest.mark.parametrize("lead", [(), (3,), (1, 2)])
+def test_emulated_kernel_keeps_leading_dims_without_reshapes(lead):
+    """x of any leading shape in, y of the same leading shape out: the wrapper passes the
+    arrays as they are and declares y's full shape (no reshape nodes around the launch)."""
+    layer = qgemv.random_linear(16, 128, seed=3)
+    x = mx.random.normal((*lead, 128), key=mx.random.key(4))
+    res = mx.random.normal((*lead, 16), key=mx.random.key(5))
+    y = qgemv.quantized_gemv(x, layer, "cpu", residual=res)
+    assert y.shape == (*lead, 16)
+    assert relative_error(y, qgemv.reference(x, layer, residual=res)) < 1e-5
+
+
+@emulated
 def test_dispatch_folds_only_plain_rms_norms(monkeypatch):
     """quantized_linear hands an nn.RMSNorm to the kernel; another norm runs first, in MLX."""
     monkeypatch.delenv(dispatch.ENV, raising=False)

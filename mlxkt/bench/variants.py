@@ -41,6 +41,8 @@ files; what pays off moves into the engine.
 - no-addmm-scores / addmm-scores: decode attention scores by MLX's SDPA (scale, GEMM, mask
                  add as kernels of their own) / by one mx.addmm (layers/mla_scores.py; the
                  default on CUDA since 2026-11-26).
+- gate-norm:     a MoE layer's post-attention RMSNorm and its router logits as one launch
+                 instead of two (kernels/gate_norm.py; off by default, MLXKT_GATE_NORM=1).
 - host-pos:      the compiled decode step's position (and the MLA kernels' meta) read by
                  every layer from the host-made array itself, not from one GPU copy
                  (layers/decode_compile.StepArrays; the copy is the default on CUDA).
@@ -58,7 +60,7 @@ from ..layers.decode_compile import set_compiled_decode
 from ..layers.experts import RoutedExperts
 from ..layers.fused_rows import concat_linears, unfuse
 from ..layers.mla import ABSORB_MAX_L, MLAttention
-from ..layers.moe import MLP
+from ..layers.moe import MLP, DeepseekMoE
 from ..layers.qlinear import norm_linear
 from .measure import Engine
 
@@ -160,11 +162,11 @@ def _host_positions(engine: Engine):
             compiled.steps.device_copy = False
 
 
-def _attention_switch(name: str, on: bool):
-    """A variant that sets one plain attribute (a switch) of every MLAttention."""
+def _attention_switch(name: str, on: bool, kind=MLAttention):
+    """A variant that sets one plain attribute (a switch) of every `kind` module."""
     def apply(engine: Engine):
         for m in engine.model.modules():
-            if isinstance(m, MLAttention):
+            if isinstance(m, kind):
                 setattr(m, name, on)
     return apply
 
@@ -180,6 +182,7 @@ VARIANTS = {
     "fused-proj": _fused_proj,
     "no-fused-rows": lambda e: unfuse(e.model),
     "host-pos": _host_positions,
+    "gate-norm": _attention_switch("gate_norm", True, DeepseekMoE),
     "no-addmm-scores": _attention_switch("addmm_scores", False),
     "addmm-scores": _attention_switch("addmm_scores", True),
     "no-mla-kernel": _attention_switch("mla_kernel", False),

@@ -85,20 +85,23 @@ def launch(B, L, H, nope, P, R, dtype, traditional, scale, rope_scale, mscale, e
                   ("EPS", float_bits(eps))],
         grid=((H + 1) * WARPS * 32, B * L, 1),
         threadgroup=(WARPS * 32, 1, 1),
-        output_shapes=[(B, H, L, nope), (B, H, L, P), (B, 1, L, R), (B, 1, L, P)],
+        output_shapes=[(B, H, L, nope) if B > 1 else (H, L, nope), (B, H, L, P),
+                       (B, 1, L, R), (B, 1, L, P)],
         output_dtypes=[dtype] * 4,
     )
 
 
 def positions(offset) -> mx.array:
-    # An int offset becomes a small array (compiled decode passes one array for all layers).
+    # An int offset becomes a small array (compiled decode passes one array of shape (1,)
+    # for all layers: then neither op below adds a graph node).
     return offset.reshape(1).astype(mx.int32) if isinstance(offset, mx.array) else \
         mx.array([offset], dtype=mx.int32)
 
 
 def mla_prep(q, kv, norm, offset, rope: Rope, H, nope, P, scale, backend):
     """(q_nope, scale * rope(q_pe), norm(latent), rope(k_pe)) of a decode step, one launch."""
-    # q: [B, L, H*(nope+P)], kv: [B, L, R+P] -> q_nope [B, H, L, nope], q_pe [B, H, L, P],
+    # q: [B, L, H*(nope+P)], kv: [B, L, R+P] -> q_nope [B, H, L, nope] ([H, L, nope] when B
+    # is 1: embed_q's per-head matmul then needs no broadcasts), q_pe [B, H, L, P],
     # latent [B, 1, L, R], k_pe [B, 1, L, P]
     B, L, _ = q.shape
     R = kv.shape[-1] - P

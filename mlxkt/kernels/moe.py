@@ -146,9 +146,10 @@ def shared_unsupported(shared, gate_proj, down_proj) -> Optional[str]:
 
 @lru_cache(maxsize=256)
 def launches(D, I, N, K, quant_gu, quant_d, dtype, scale_gu, scale_d, idx_dtype, config=(),
-             shared=False, res=False):
+             shared=False, res=False, lead=None):
     """The static part of both kernel calls (templates, grids, outputs) for one signature,
-    cached: decoding calls the same few signatures over and over."""
+    cached: decoding calls the same few signatures over and over. lead: the output's
+    leading dims (default (N,))."""
     (bits, gs), (bits_d, gs_d) = quant_gu, quant_d
     P = N * K
     SH = int(shared)
@@ -171,7 +172,7 @@ def launches(D, I, N, K, quant_gu, quant_d, dtype, scale_gu, scale_d, idx_dtype,
                   ("RES", int(res)), ("XS", cfg["xs"])],
         grid=(math.ceil(D / (rb if cfg["xs"] else nw_b * rb)) * nw_b * 32, 1, 1),
         threadgroup=(nw_b * 32, 1, 1),
-        output_shapes=[(N, D)],
+        output_shapes=[(*((N,) if lead is None else lead), D)],
         output_dtypes=[dtype],
     )
     return bits, gate_up, down
@@ -191,24 +192,24 @@ def _arrays(layer):
 
 def fused_stages(x, inds, scores, gate_proj, up_proj, down_proj, backend, shared=None,
                  residual=None, **config):
-    """(h, plan, uw) of stage 1 and y of stage 2, for x [N, D], inds/scores [N, K]; with
+    """(h, plan, uw) of stage 1 and y of stage 2, for x [..., D], inds/scores [..., K]; with
     `shared` (an MLP that shared_unsupported accepts) y includes shared(x), with `residual`
-    [N, D] y includes it too."""
-    N, D = x.shape
-    K = inds.shape[-1]
-    idx = inds.reshape(-1)
-    if idx.dtype not in (mx.int32, mx.uint32):
-        idx = idx.astype(mx.int32)
-    sc = scores.reshape(-1).astype(mx.float32)
+    [..., D] y includes it too. y: [..., D]."""
+    # The kernels read x, inds, scores and residual as flat rows: no reshapes around the
+    # launches (each one more graph node for MLX's host to build and walk at every step).
+    D, K = x.shape[-1], inds.shape[-1]
+    N = x.size // D
+    idx = inds if inds.dtype in (mx.int32, mx.uint32) else inds.astype(mx.int32)
+    sc = scores if scores.dtype == mx.float32 else scores.astype(mx.float32)
     bits, gate_up, down = launches(
         D, gate_proj.weight.shape[-2], N, K, quant_params(gate_proj), quant_params(down_proj),
         x.dtype, gate_proj.scales.dtype, down_proj.scales.dtype, idx.dtype,
-        tuple(sorted(config.items())), shared is not None, residual is not None)
+        tuple(sorted(config.items())), shared is not None, residual is not None, x.shape[:-1])
     # Without a shared expert the routed arrays stand in for its inputs (never read).
     sh = shared if shared is not None else dict(gate_proj=gate_proj, up_proj=up_proj,
                                                 down_proj=down_proj)
     h, plan, uw = kernel_fn(backend, sources.GATE_UP)(
-        inputs=[chunk_major(x, bits) if config.get("xc") else x, idx, sc,
+        inputs=[chunk_major(x.reshape(N, D), bits) if config.get("xc") else x, idx, sc,
                 *_arrays(gate_proj), *_arrays(up_proj),
                 *_arrays(sh["gate_proj"]), *_arrays(sh["up_proj"])],
         **gate_up)
@@ -225,8 +226,5 @@ def fused_routed_experts(x, inds, scores, gate_proj, up_proj, down_proj, backend
     """sum_k scores[..., k] * expert_{inds[..., k]}(x) (+ shared(x)) (+ residual) with the
     two kernels."""
     # x: [..., D], inds/scores: [..., K], residual: [..., D] -> [..., D] (x.dtype)
-    lead, K, D = inds.shape[:-1], inds.shape[-1], x.shape[-1]
-    res = None if residual is None else residual.reshape(-1, D)
-    _, y = fused_stages(x.reshape(-1, D), inds.reshape(-1, K), scores.reshape(-1, K),
-                        gate_proj, up_proj, down_proj, backend, shared, res, **config)
-    return y.reshape(*lead, D)
+    return fused_stages(x, inds, scores, gate_proj, up_proj, down_proj, backend, shared,
+                        residual, **config)[1]

@@ -65,8 +65,9 @@ def launch_config(O, D, bits, gs, tokens=1, nw=None, rpw=None, wp=None, sa=None)
 
 
 @lru_cache(maxsize=256)
-def launch(O, D, N, bits, gs, dtype, scale_dtype, config=(), norm=None, res=False):
-    """norm: (g's dtype, epsilon) when x is RMS-normalised inside the kernel."""
+def launch(O, D, N, bits, gs, dtype, scale_dtype, config=(), norm=None, res=False, lead=None):
+    """norm: (g's dtype, epsilon) when x is RMS-normalised inside the kernel; lead: the
+    output's leading dims (default (N,))."""
     cfg = launch_config(O, D, bits, gs, N, **dict(config))
     nw, rpw = cfg["nw"], cfg["rpw"]
     tk = TYPE_KIND[dtype]
@@ -78,7 +79,7 @@ def launch(O, D, N, bits, gs, dtype, scale_dtype, config=(), norm=None, res=Fals
                   ("GK", gk), ("EPS", eps), ("RES", int(res))],
         grid=(math.ceil(O / rpw) * nw * 32, 1, 1),
         threadgroup=(nw * 32, 1, 1),
-        output_shapes=[(N, O)],
+        output_shapes=[(*((N,) if lead is None else lead), O)],
         output_dtypes=[dtype],
     )
 
@@ -86,22 +87,22 @@ def launch(O, D, N, bits, gs, dtype, scale_dtype, config=(), norm=None, res=Fals
 def quantized_gemv(x, layer, backend, norm=None, residual=None, **config):
     """layer(x) for an nn.QuantizedLinear and x [..., D] with at most 8 rows, by the kernel;
     layer(norm(x)) for an nn.RMSNorm `norm`, + residual [..., O] when given (same launch)."""
-    # x: [..., D] -> [..., O]
+    # x: [..., D] -> [..., O]. The kernel reads x, res and y as flat rows: no reshapes
+    # around the launch (each one more graph node for MLX's host to build and walk).
     bits, gs = quant_params(layer)
     lead, D = x.shape[:-1], x.shape[-1]
     O = layer.weight.shape[0]
-    x2 = x.reshape(-1, D)
-    kw = launch(O, D, x2.shape[0], bits, gs, x.dtype, layer.scales.dtype,
+    kw = launch(O, D, x.size // D, bits, gs, x.dtype, layer.scales.dtype,
                 tuple(sorted(config.items())),
-                None if norm is None else (norm.weight.dtype, norm.eps), residual is not None)
+                None if norm is None else (norm.weight.dtype, norm.eps), residual is not None,
+                lead)
     # x stands in for the arrays the kernel does not read.
-    g = x2 if norm is None else norm.weight
-    res = x2 if residual is None else residual.reshape(-1, O)
+    g = x if norm is None else norm.weight
+    res = x if residual is None else residual
     if res.dtype != x.dtype:
         res = res.astype(x.dtype)
     (y,) = kernel_fn(backend, sources.QGEMV)(
-        inputs=[x2, layer.weight, layer.scales, layer.biases, g, res], **kw)
-    y = y.reshape(*lead, O)
+        inputs=[x, layer.weight, layer.scales, layer.biases, g, res], **kw)
     if "bias" in layer:
         y = y + layer.bias
     return y

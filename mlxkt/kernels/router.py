@@ -85,8 +85,9 @@ def threads(E: int) -> int:
 
 
 @lru_cache(maxsize=64)
-def launch(cfg: GateConfig, N: int, block=None):
-    """The static part of a kernel call for one configuration and token count."""
+def launch(cfg: GateConfig, N: int, block=None, lead=None):
+    """The static part of a kernel call for one configuration and token count (lead: the
+    outputs' leading dims, default (N,))."""
     T = block or threads(cfg.n_experts)
     if cfg.grouped:
         G, TG, gmode = cfg.n_group, cfg.topk_group, 2 if cfg.topk_method == "noaux_tc" else 1
@@ -101,34 +102,35 @@ def launch(cfg: GateConfig, N: int, block=None):
                   ("SCALE_BITS", float_bits(cfg.routed_scaling_factor))],
         grid=(T, N, 1),
         threadgroup=(T, 1, 1),
-        output_shapes=[(N, K), (N, K)],
+        output_shapes=[(*((N,) if lead is None else lead), K)] * 2,
         output_dtypes=[mx.int32, mx.float32],
     )
 
 
-def fused_route(logits, bias, gate_cfg: GateConfig, backend: str, block=None):
-    """(inds, weights) of the routing with the kernel: logits [..., E] -> [..., K] each
-    (int32 experts by decreasing choice, float32 weights). bias [E] is read for noaux_tc.
+def fused_route(logits, bias, gate_cfg: GateConfig, backend: str, block=None, lead=None):
+    """(inds, weights) of the routing with the kernel: logits [..., E] -> [*lead, K] each
+    (lead default: logits' leading dims; int32 experts by decreasing choice, float32
+    weights). bias [E] is read for noaux_tc.
     The kernel reads logits of any float type (no conversion launch before it)."""
-    E, K = logits.shape[-1], gate_cfg.top_k
-    lead = logits.shape[:-1]
-    x = logits.reshape(-1, E)
+    # The kernel reads logits as flat rows: no reshapes around the launch.
     if gate_cfg.biased:
         b = bias if bias.dtype == mx.float32 else bias.astype(mx.float32)
     else:
-        b = x  # not read: the kernel's BIAS template is 0
+        b = logits  # not read: the kernel's BIAS template is 0
+    N = logits.size // logits.shape[-1]
     inds, weights = kernel_fn(backend, ROUTER)(
-        inputs=[x, b], **launch(gate_cfg, x.shape[0], block))
-    return inds.reshape(*lead, K), weights.reshape(*lead, K)
+        inputs=[logits, b], **launch(gate_cfg, N, block, logits.shape[:-1] if lead is None else lead))
+    return inds, weights
 
 
 def _warn(message: str):
     warnings.warn(message, KernelFallbackWarning, stacklevel=3)
 
 
-def route(gate, logits):
-    """The fused routing of a DeepseekGate's float logits [..., E], or None: then the
-    caller runs the reference (CPU, kernels off, prefill, unsupported, failed check)."""
+def route(gate, logits, lead=None):
+    """The fused routing of a DeepseekGate's float logits [..., E] as [*lead, K] each (lead
+    default: logits' leading dims), or None: then the caller runs the reference (CPU,
+    kernels off, prefill, unsupported, failed check)."""
     if not kernels_enabled():
         return None
     backend = gpu_backend()
@@ -144,7 +146,7 @@ def route(gate, logits):
     bias = gate.get("e_score_correction_bias") if cfg.biased else None
     if (cfg.biased and bias is None) or not router_ready(backend, cfg, logits.dtype):
         return None
-    return fused_route(logits, bias, cfg, backend)
+    return fused_route(logits, bias, cfg, backend, lead=lead)
 
 
 @lru_cache(maxsize=None)

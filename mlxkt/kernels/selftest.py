@@ -14,6 +14,7 @@ from .moe import decode_sized, fused_routed_experts, unsupported
 from .probe import (random_problem, random_shared_expert, reference_float32, relative_error,
                     shared_reference)
 from .reference import routed_experts_reference
+from .gate_norm import selftest as gate_norm_selftest
 from .mla_decode import selftest as mla_selftest
 from .mla_prep import selftest as prep_selftest
 from .qgemv import selftest as gemv_selftest
@@ -147,5 +148,6 @@ def selftest(shapes=None, bits=(4, 8), tokens=(1, 4), experts=None, echo=print):
     rows += router_selftest(backend, echo)
     rows += gemv_selftest(backend, echo)
     rows += prep_selftest(backend, echo)
+    rows += gate_norm_selftest(backend, echo)
     rows += mla_selftest(backend, echo)
     return rows

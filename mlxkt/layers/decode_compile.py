@@ -84,8 +84,10 @@ class CompiledDecode:
                 h = x + attn.absorbed_output(out)
                 return h + layer.mlp(layer.post_attention_layernorm(h))
             h = attn.absorbed_output(out, residual=x)
+            if isinstance(layer.mlp, DeepseekMoE):  # norm with the router, residual in stage 2
+                return layer.mlp(h, residual=h, norm=layer.post_attention_layernorm)
             n = layer.post_attention_layernorm(h)
-            if isinstance(layer.mlp, (MLP, DeepseekMoE)):  # the residual rides in their kernels
+            if isinstance(layer.mlp, MLP):  # the residual rides in its down projection
                 return layer.mlp(n, residual=h)
             return h + layer.mlp(n)
 
@@ -105,7 +107,9 @@ class CompiledDecode:
             self.primed.add(L)
             return None
         n = cache.offset
-        q_lat, q_pe, latent, k_pe = self.pre(x, self.steps.get(n, "offset", lambda: mx.array(n)))
+        # Shape (1,): what the MLA prologue kernel reads (a scalar would need a reshape node).
+        pos = self.steps.get(n, "offset", lambda: mx.array([n], dtype=mx.int32))
+        q_lat, q_pe, latent, k_pe = self.pre(x, pos)
         latent, k_pe = cache.update_and_fetch(latent, k_pe)  # [B, 1, S, *]
         use = self.attn.decode_kernel(q_lat, q_pe, cache, mask,
                                       lambda key, make: self.steps.get(n, key, make))

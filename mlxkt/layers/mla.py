@@ -177,11 +177,12 @@ class MLAttention(nn.Module):
         x: [B, L, D] -> q_lat [B, H, L, r], q_pe (pre-scaled) [B, H, L, rope], latent, k_pe"""
         q, kv = self.projections(x, norm)
         fast = self.prepared(q, kv, offset)
-        if fast is not None:  # q_pe comes scaled
-            q_nope, q_pe, latent, k_pe = fast
-        else:
+        if fast is None:
             q_nope, q_pe, latent, k_pe = self.split_rope(q, kv, offset)
-            q_pe = q_pe * self.scale
+            return self.embed_q(q_nope), q_pe * self.scale, latent, k_pe
+        q_nope, q_pe, latent, k_pe = fast  # q_pe comes scaled
+        if q_nope.ndim == 3:  # [H, L, nope] (one sequence): no broadcasts in embed_q's matmul
+            return self.embed_q(q_nope)[None], q_pe, latent, k_pe
         return self.embed_q(q_nope), q_pe, latent, k_pe
 
     def prepared(self, q, kv, offset):
@@ -257,7 +258,12 @@ class MLAttention(nn.Module):
 
     def absorbed_output(self, out: mx.array, residual=None) -> mx.array:
         # out: [B, H, L, r] over the latent -> [B, L, D] (+ residual, in o_proj's launch)
-        B, _, L, _ = out.shape
+        B, H, L, r = out.shape
+        if B == 1:  # per-head matmul over [H, L, r]: no broadcast nodes (3 of them at 4D)
+            out = self.unembed_out(out.reshape(H, L, r))  # [H, L, v]
+            if L > 1:
+                out = out.swapaxes(0, 1)
+            return norm_linear(self.o_proj, out.reshape(1, L, -1), residual=residual)
         out = self.unembed_out(out).transpose(0, 2, 1, 3).reshape(B, L, -1)  # [B, L, H*v]
         return norm_linear(self.o_proj, out, residual=residual)
 

@@ -1,9 +1,12 @@
 """Routers and MoE blocks shared by the DeepSeek and Mixtral models."""
 
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelArgs
+from ..kernels.gate_norm import normed_logits
 from ..kernels.router import route
 from .experts import RoutedExperts
 from .qlinear import norm_linear
@@ -48,11 +51,36 @@ class DeepseekGate(nn.Module):
 
     def __call__(self, x):
         # x: [..., D] -> inds [..., K] (int), weights [..., K] (float32)
-        logits = x @ self.weight.T
-        fused = route(self, logits)  # one kernel on a GPU for decode-sized batches
+        # [N, D] @ [D, E]: 2 graph nodes where x @ weight.T makes 4 (a decode step walks
+        # every node on the host).
+        return self.route(x.reshape(-1, x.shape[-1]) @ self.weight_t(), x.shape[:-1])
+
+    def route(self, logits, lead):
+        """(inds, weights) [*lead, K] of logits [N, E] (any float type)."""
+        fused = route(self, logits, lead)  # one kernel on a GPU for decode-sized batches
         if fused is not None:
             return fused
-        return route_reference(logits.astype(mx.float32), self.get("e_score_correction_bias"), self)
+        logits = logits.reshape(*lead, -1).astype(mx.float32)
+        return route_reference(logits, self.get("e_score_correction_bias"), self)
+
+    def normed(self, h, norm, forced=None):
+        """(inds, weights, norm(h)), the norm and the logits by one kernel
+        (kernels/gate_norm.py), or None where it does not run."""
+        got = normed_logits(h, self.weight, norm, forced)
+        if got is None:
+            return None
+        logits, xn = got
+        return (*self.route(logits, h.shape[:-1]), xn)
+
+    def weight_t(self):
+        """weight.T as a view held beside it (a plain attribute, not a parameter), evaluated
+        at once: a compiled decode trace then takes it as a constant instead of recording a
+        transpose for every step."""
+        held = self.__dict__.get("held_t")
+        if held is None or held[0] is not self.weight:
+            held = self.__dict__["held_t"] = (self.weight, self.weight.T)
+            mx.eval(held[1])  # a view: no copy
+        return held[1]
 
 
 def route_reference(logits, bias, cfg):
@@ -90,6 +118,10 @@ def route_reference(logits, bias, cfg):
 
 
 class DeepseekMoE(nn.Module):
+    # None: MLXKT_GATE_NORM decides (off when unset); False/True: the input norm (when the
+    # caller hands it over) and the router logits as two launches / as one on a GPU.
+    gate_norm: Optional[bool] = None
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         I = args.moe_intermediate_size
@@ -98,9 +130,15 @@ class DeepseekMoE(nn.Module):
         if args.n_shared_experts:
             self.shared_experts = MLP(args.hidden_size, I * args.n_shared_experts)
 
-    def __call__(self, x, residual=None):
-        # x: [B, L, D] -> [B, L, D] (+ residual: added inside the expert kernels at decode)
-        inds, weights = self.gate(x)
+    def __call__(self, x, residual=None, norm=None):
+        # x: [B, L, D] -> [B, L, D] (+ residual: added inside the expert kernels at decode).
+        # norm: the block's input is norm(x) (one launch with the router logits at decode).
+        got = None if norm is None else self.gate.normed(x, norm, self.gate_norm)
+        if got is not None:
+            inds, weights, x = got
+        else:
+            x = x if norm is None else norm(x)
+            inds, weights = self.gate(x)
         sw, shared = self.switch_mlp, self.get("shared_experts")
         if isinstance(sw, RoutedExperts):
             return sw(x, inds, weights, shared, residual)

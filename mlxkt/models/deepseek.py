@@ -44,6 +44,8 @@ class DecoderLayer(nn.Module):
         if y is not None:
             return y
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        if isinstance(self.mlp, DeepseekMoE):  # as compiled decode calls it (same kernels)
+            return self.mlp(h, residual=h, norm=self.post_attention_layernorm)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
