@@ -133,13 +133,14 @@ def selftest(backend: str, echo=print, tokens=(1, 2), experts=256, dims=7168):
 
     E, D = experts, dims
     rows = []
-    echo(f"{'router norm + logits':22} {'tok':>3} {'status':>6} {'rel err':>9} {'kernel us':>9} {'mlx us':>9}")
+    echo(f"{'router norm + logits':22} {'tok':>3} {'status':>6} {'rel err':>9} "
+         f"{'kernel us':>9} {'mlx us':>9}")
     for n in tokens:
         def measure():
             k = mx.random.split(mx.random.key(n), 3)
             h = (4 * mx.random.normal((1, n, D), key=k[0])).astype(mx.bfloat16)
-            ws = [(mx.random.normal((E, D), key=mx.random.key(10 + i)) / math.sqrt(D)).astype(mx.bfloat16)
-                  for i in range(4)]
+            ws = [(mx.random.normal((E, D), key=mx.random.key(10 + i)) / math.sqrt(D))
+                  .astype(mx.bfloat16) for i in range(4)]
             norm = nn.RMSNorm(D, eps=1e-6)
             norm.weight = (1 + 0.3 * mx.random.normal((D,), key=k[2])).astype(mx.bfloat16)
             norm32 = nn.RMSNorm(D, eps=1e-6)

@@ -118,9 +118,8 @@ def fused_route(logits, bias, gate_cfg: GateConfig, backend: str, block=None, le
     else:
         b = logits  # not read: the kernel's BIAS template is 0
     N = logits.size // logits.shape[-1]
-    inds, weights = kernel_fn(backend, ROUTER)(
-        inputs=[logits, b], **launch(gate_cfg, N, block, logits.shape[:-1] if lead is None else lead))
-    return inds, weights
+    lead = logits.shape[:-1] if lead is None else lead
+    return tuple(kernel_fn(backend, ROUTER)(inputs=[logits, b], **launch(gate_cfg, N, block, lead)))
 
 
 def _warn(message: str):

@@ -53,9 +53,9 @@ class DeepseekGate(nn.Module):
         # x: [..., D] -> inds [..., K] (int), weights [..., K] (float32)
         # [N, D] @ [D, E]: 2 graph nodes where x @ weight.T makes 4 (a decode step walks
         # every node on the host).
-        return self.route(x.reshape(-1, x.shape[-1]) @ self.weight_t(), x.shape[:-1])
+        return self.route_logits(x.reshape(-1, x.shape[-1]) @ self.weight_t(), x.shape[:-1])
 
-    def route(self, logits, lead):
+    def route_logits(self, logits, lead):
         """(inds, weights) [*lead, K] of logits [N, E] (any float type)."""
         fused = route(self, logits, lead)  # one kernel on a GPU for decode-sized batches
         if fused is not None:
@@ -70,7 +70,7 @@ class DeepseekGate(nn.Module):
         if got is None:
             return None
         logits, xn = got
-        return (*self.route(logits, h.shape[:-1]), xn)
+        return (*self.route_logits(logits, h.shape[:-1]), xn)
 
     def weight_t(self):
         """weight.T as a view held beside it (a plain attribute, not a parameter), evaluated
