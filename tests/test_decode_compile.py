@@ -146,3 +146,23 @@ def test_layers_share_one_position_array_per_step():
     steps_obj.get = lambda n, key, make: real(n, key, lambda: made.append((n, key)) or make())
     steps(model, [[3], [9], [4], [12]])  # the first 1-token step primes (eager)
     assert made == [(10, "offset"), (11, "offset"), (12, "offset")]  # one per step, not per layer
+
+
+def test_decode_pieces_add_no_view_nodes_around_their_matmuls():
+    """MLX's host builds and walks every graph node of a decode step, views too (~3 µs each
+    on an H200): the per-head matmuls take [H, L, *] (no broadcasts) and the router's
+    logits a held W^T (no transpose, flatten, unflatten)."""
+    model = quantized_tiny()
+    mx.eval(model.parameters())
+    layer = next(layer for layer in model.layers if hasattr(layer.mlp, "gate"))
+    attn, gate = layer.self_attn, layer.mlp.gate
+    H, r = attn.num_heads, attn.kv_lora_rank
+    out = mx.random.normal((1, H, 1, r))
+    mx.eval(out)
+    assert "Broadcast" not in graph_ops(attn.absorbed_output(out))
+    x = mx.random.normal((1, 1, gate.weight.shape[1]))
+    mx.eval(x)
+    gate.weight_t()  # held and evaluated before the step (the priming call does this)
+    ops = graph_ops(x.reshape(-1, x.shape[-1]) @ gate.weight_t())
+    assert ops == ["Matmul", "Reshape"]
+    assert gate.weight_t() is gate.weight_t()  # one view, made once
