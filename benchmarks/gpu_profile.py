@@ -110,18 +110,9 @@ def host_costs(engine, context: int, reps: int = 10) -> dict:
 
 
 def graph_nodes(y) -> dict:
-    """Unevaluated nodes of y's graph by primitive (mx.export_to_dot): what async_eval walks.
-    Views and reshapes count too: MLX spends host time on every node, kernel or not."""
-    import re
-
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "g.dot"
-        mx.export_to_dot(str(f), y)
-        names = re.findall(r'label ="([A-Za-z]+)', f.read_text())
-    counts = {}
-    for n in names:
-        counts[n] = counts.get(n, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    """Unevaluated nodes of y's graph by primitive: what async_eval walks. Views and reshapes
+    count too: MLX spends host time on every node, kernel or not."""
+    return measure.op_counts(measure.graph_ops(y))
 
 
 def host_profile(engine, context: int, reps: int = 20, top: int = 25) -> dict:

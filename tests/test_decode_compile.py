@@ -1,12 +1,9 @@
 """The compiled decode path (layers/decode_compile.py) against the eager layers."""
 
-import re
-import tempfile
-from pathlib import Path
-
 import mlx.core as mx
 import pytest
 
+from mlxkt.bench import measure
 from mlxkt.generate import generate_step
 from mlxkt.loader import device_passes
 from mlxkt.layers.decode_compile import compile_default, eager_decode, set_compiled_decode
@@ -62,10 +59,7 @@ def test_compiled_mtp_greedy_identical(cpu_device):
 
 
 def graph_ops(y) -> list:
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "g.dot"
-        mx.export_to_dot(str(f), y)
-        return sorted(re.findall(r'label ="([^"]+)", shape=rectangle', f.read_text()))
+    return sorted(measure.graph_ops(y))
 
 
 def test_lazy_constants_stay_out_of_compiled_steps():

@@ -167,6 +167,22 @@ VIEW_OPS = {"Reshape", "Broadcast", "Slice", "Squeeze", "ExpandDims", "Transpose
             "StopGradient", "Depends", "Split", "Unflatten", "Flatten", "View"}
 
 
+def graph_ops(y) -> list:
+    """The primitive of every unevaluated node of y's graph (mx.export_to_dot), views too."""
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "g.dot"
+        mx.export_to_dot(str(f), y)
+        return re.findall(r'label ="([^"]+)", shape=rectangle', f.read_text())
+
+
+def op_counts(labels) -> dict:
+    """{primitive: count}, most frequent first."""
+    counts = {}
+    for x in labels:
+        counts[x] = counts.get(x, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def decode_graph(engine: Engine, context: int = 16, reps: int = 5) -> dict:
     """Size of one decode step's graph (nodes, and nodes that are not mere views) and the
     host time to build it (Python + MLX graph construction, nothing evaluated)."""
@@ -177,15 +193,9 @@ def decode_graph(engine: Engine, context: int = 16, reps: int = 5) -> dict:
         t0 = time.perf_counter()
         y = engine.model(tok, cache=cache)[:, -1].argmax(-1)
         build.append(time.perf_counter() - t0)
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "g.dot"
-        mx.export_to_dot(str(f), y)
-        labels = re.findall(r'label ="([^"]+)", shape=rectangle', f.read_text())
+    labels = graph_ops(y)
     kernels = [x for x in labels if x not in VIEW_OPS]
-    counts = {}
-    for x in kernels:
-        counts[x] = counts.get(x, 0) + 1
     del y, cache
     return {"nodes": len(labels), "non_view_nodes": len(kernels),
             "build_ms": 1e3 * sorted(build)[len(build) // 2],
-            "top_ops": dict(sorted(counts.items(), key=lambda kv: -kv[1])[:12])}
+            "top_ops": dict(list(op_counts(kernels).items())[:12])}

@@ -40,8 +40,7 @@ def backend_for(forced: Optional[bool] = None) -> Optional[str]:
     (1K) and 0.97x (8K) of the engine without it, within that run's noise
     (benchmarks/RESULTS.md); no Mac has timed it."""
     on = env_switch(ENV) if forced is None else forced
-    backend = gpu_backend() if on and kernels_enabled() else None
-    return backend
+    return gpu_backend() if on and kernels_enabled() else None
 
 
 def unsupported(h, weight, norm) -> str:
