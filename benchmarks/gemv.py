@@ -51,6 +51,29 @@ def host_us(fn, ins, reps=5):
     return {"build_us": 1e6 * sorted(build)[reps // 2], "async_eval_us": 1e6 * sorted(encode)[reps // 2]}
 
 
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by `-x` over 1 GiB of float32 (printed too)."""
+    x0 = mx.random.uniform(shape=(2**28,))
+    mx.eval(x0)
+    copy = 2 * x0.nbytes / median_time(lambda v: -v, [(x0,)], iters=10)
+    print(f"copy bandwidth {copy / 1e9:.1f} GB/s")
+    return copy
+
+
+def setup(doc, shapes):
+    """(arguments, GPU backend, copy bandwidth) of a GEMV benchmark; exits without a GPU."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--tokens", default="1,2")
+    ap.add_argument("--shapes", default=",".join(shapes))
+    ap.add_argument("--configs", default="", help="extra launch configs, ';'-separated")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    backend = gpu_backend()
+    if backend is None:
+        sys.exit("needs a Metal or CUDA GPU (MLX's default device is the CPU)")
+    return a, backend, copy_bandwidth()
+
+
 def parse_configs(text):
     out = [{}]
     for part in filter(None, (text or "").split(";")):
@@ -59,20 +82,7 @@ def parse_configs(text):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", default="1,2")
-    ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--configs", default="", help="extra launch configs, ';'-separated")
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    backend = gpu_backend()
-    if backend is None:
-        sys.exit("needs a Metal or CUDA GPU (MLX's default device is the CPU)")
-    x0 = mx.random.uniform(shape=(2**28,))
-    mx.eval(x0)
-    copy = 2 * x0.nbytes / median_time(lambda v: -v, [(x0,)], iters=10)
-    del x0
-    print(f"copy bandwidth {copy / 1e9:.1f} GB/s")
+    a, backend, copy = setup(__doc__, SHAPES)
     rows = []
     for name in a.shapes.split(","):
         O, D = SHAPES[name]

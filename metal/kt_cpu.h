@@ -63,6 +63,21 @@ inline float kt_warp_max(float v) {
   return kt_warp_reduce(v, true);
 }
 
+// Sum over each aligned group of N lanes (kt_group_sum of kt_cuda.h); every lane calls it.
+template <int N>
+inline float kt_group_sum(float v) {
+  const int w = kt_emu::tid / 32;
+  kt_emu::lanes[kt_emu::tid] = v;
+  kt_emu::warp_barrier[w]->arrive_and_wait();
+  const int first = kt_emu::tid / N * N;
+  float s = 0.0f;
+  for (int i = first; i < first + N; ++i) {
+    s += kt_emu::lanes[i];
+  }
+  kt_emu::warp_barrier[w]->arrive_and_wait();
+  return s;
+}
+
 template <uint32_t MASK, uint32_t BITS_OR>
 KT_FN uint32_t kt_and_or(uint32_t a) {
   return (a & MASK) | BITS_OR;

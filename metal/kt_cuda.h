@@ -29,6 +29,17 @@ KT_FN float kt_warp_max(float v) {
   return v;
 }
 
+// Sum of v over each aligned group of N lanes (N a power of two up to 32); every lane of a
+// group gets its group's sum. Every lane of the warp must call it.
+template <int N>
+KT_FN float kt_group_sum(float v) {
+  KT_UNROLL
+  for (int o = N / 2; o > 0; o >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, o);
+  }
+  return v;
+}
+
 // (a & MASK) | BITS_OR in one LOP3: written plainly, the compiler spends two (two immediates).
 template <uint32_t MASK, uint32_t BITS_OR>
 KT_FN uint32_t kt_and_or(uint32_t a) {

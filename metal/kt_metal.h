@@ -20,6 +20,16 @@ KT_FN float kt_warp_max(float v) {
   return simd_max(v);
 }
 
+// Sum of v over each aligned group of N lanes (N a power of two up to 32).
+template <int N>
+KT_FN float kt_group_sum(float v) {
+  KT_UNROLL
+  for (ushort o = N / 2; o > 0; o >>= 1) {
+    v += simd_shuffle_xor(v, o);
+  }
+  return v;
+}
+
 template <uint32_t MASK, uint32_t BITS_OR>
 KT_FN uint32_t kt_and_or(uint32_t a) {
   return (a & MASK) | BITS_OR;

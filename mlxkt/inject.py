@@ -5,8 +5,9 @@ names a module path pattern, a module class and the kind of replacement. MoE blo
 KernelMoE that keeps their parameters (same names, same arrays) and runs the routed experts
 through mlxkt.kernels (fused gate/up/SwiGLU, then fused down + router weights + sum); 4-bit
 (2/8-bit) linear layers become a KernelQuantizedLinear, whose 1-to-8-token calls run the
-dense GEMV kernel (attention projections, shared experts, lm_head; on CUDA by default,
-MLXKT_GEMV=0/1 to choose).
+dense GEMV kernels (attention projections, shared experts, lm_head; on CUDA by default,
+MLXKT_GEMV=0/1 to choose), and MLA's per-head embed_q / unembed_out (mlx-lm's
+QuantizedMultiLinear) a KernelQuantizedMultiLinear, all heads in one launch.
 
     from mlx_lm import load
     import mlxkt
@@ -23,7 +24,7 @@ import mlx.nn as nn
 from .kernels.dispatch import gemv_enabled, kernel_backend
 from .kernels.qgemv import linear_like, quant_params
 from .layers.experts import RoutedExperts
-from .layers.qlinear import KernelQuantizedLinear
+from .layers.qlinear import KernelQuantizedLinear, KernelQuantizedMultiLinear
 from .loader_utils import swap_modules
 
 
@@ -40,7 +41,8 @@ RULES = (
     Rule(r"\.mlp$", "mlx_lm.models.deepseek.DeepseekMoE", "deepseek"),
     Rule(r"\.block_sparse_moe$", "mlx_lm.models.mixtral.MixtralSparseMoeBlock", "mixtral"),
 )
-LINEAR_RULES = (Rule(r"", "mlx.nn.layers.quantized.QuantizedLinear", "linear"),)
+LINEAR_RULES = (Rule(r"", "mlx.nn.layers.quantized.QuantizedLinear", "linear"),
+                Rule(r"", "mlx_lm.models.mla.QuantizedMultiLinear", "multilinear"))
 
 
 def deepseek_route(block, x):
@@ -91,6 +93,9 @@ def _class_name(module) -> str:
 def _replaceable(module, kind: str) -> bool:
     if kind == "linear":
         return quant_params(module) is not None
+    if kind == "multilinear":  # MLA's per-head embed_q / unembed_out
+        return (module.mode == "affine" and module.get("biases") is not None
+                and module.weight.ndim == 3 and module.weight.dtype == mx.uint32)
     sw = module.get("switch_mlp") if isinstance(module, dict) else None
     if sw is None or not all(k in sw for k in ("gate_proj", "up_proj", "down_proj")):
         return False
@@ -99,6 +104,14 @@ def _replaceable(module, kind: str) -> bool:
     if act is not None and type(act).__name__ != "SwiGLU":
         return False
     return getattr(module, "sharding_group", None) is None
+
+
+def _kernel_module(module, kind: str) -> nn.Module:
+    if kind == "linear":
+        return KernelQuantizedLinear.wrap(module)
+    if kind == "multilinear":
+        return KernelQuantizedMultiLinear.wrap(module)
+    return KernelMoE(module, kind)
 
 
 def plain_linears(model: nn.Module) -> int:
@@ -111,6 +124,8 @@ def plain_linears(model: nn.Module) -> int:
     for path, m in model.named_modules():
         if isinstance(m, KernelQuantizedLinear):
             swaps.append((path, linear_like(m)))
+        elif isinstance(m, KernelQuantizedMultiLinear):
+            swaps.append((path, m.unwrap()))
     swap_modules(model, swaps)
     return len(swaps)
 
@@ -127,8 +142,7 @@ def optimize(model: nn.Module, rules=RULES, verbose: bool = False,
         for rule in rules:
             if (_class_name(module) == rule.cls and re.search(rule.path, "." + path)
                     and _replaceable(module, rule.kind)):
-                swaps.append((path, KernelQuantizedLinear.wrap(module) if rule.kind == "linear"
-                              else KernelMoE(module, rule.kind)))
+                swaps.append((path, _kernel_module(module, rule.kind)))
                 break
     swap_modules(model, swaps)
     if verbose:

@@ -1,5 +1,6 @@
 """MLA attention variants give the plain result: heads spread over CPU streams
-(layers/cpu_heads.py), and 2-16 query rows as explicit matmul + softmax (the CUDA default)."""
+(layers/cpu_heads.py), and 2 or more query rows as explicit matmul + softmax (the CUDA
+default)."""
 
 import mlx.core as mx
 import pytest
@@ -67,12 +68,13 @@ def test_model_decode_over_a_long_cache_is_unchanged(monkeypatch):
     assert mx.allclose(logits("2"), logits("1"), atol=1e-5, rtol=1e-5).item()
 
 
-@pytest.mark.parametrize("L", [2, 5, 16])
+@pytest.mark.parametrize("L,per_head_kv", [(2, False), (5, False), (16, False), (40, True)])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_explicit_small_l_attention_equals_fused(attn, monkeypatch, L, dtype):
-    """On the CPU both are the same ops (scale and mask wiring); on CUDA the fused side is
-    cuDNN, which keeps the scores in float32."""
-    args = [a.astype(dtype) if a.dtype != mx.bool_ else a for a in inputs(attn, L, per_head_kv=False)]
+def test_explicit_attention_equals_fused(attn, monkeypatch, L, per_head_kv, dtype):
+    """Decode-sized rows over the latent and prefill rows over per-head keys. On the CPU both
+    are the same ops (scale and mask wiring); on CUDA the fused side is cuDNN, which keeps
+    the scores in float32."""
+    args = [a.astype(dtype) if a.dtype != mx.bool_ else a for a in inputs(attn, L, per_head_kv)]
     monkeypatch.setenv("MLXKT_EXPLICIT_ATTENTION", "0")
     want = attn.attend_heads(*args).astype(mx.float32)
     monkeypatch.setenv("MLXKT_EXPLICIT_ATTENTION", "1")
@@ -80,3 +82,19 @@ def test_explicit_small_l_attention_equals_fused(attn, monkeypatch, L, dtype):
     assert got.shape == want.shape
     tol = 1e-5 if dtype == mx.float32 else 5e-2
     assert mx.allclose(got, want, atol=tol, rtol=tol).item()
+
+
+def test_explicit_prefill_only_while_its_scores_are_small(attn, monkeypatch):
+    from mlxkt.layers import mla
+
+    monkeypatch.setenv("MLXKT_EXPLICIT_ATTENTION", "1")
+    H = attn.num_heads
+    assert not attn.explicit_rows(H, 1, 100)  # one row: MLX's own decode kernels
+    assert attn.explicit_rows(H, 16, 1 << 30)  # decode-sized rows: always
+    assert attn.explicit_rows(H, 512, mla.EXPLICIT_MAX_SCORES // (512 * H))
+    assert not attn.explicit_rows(H, 512, mla.EXPLICIT_MAX_SCORES // (512 * H) + 1)
+    attn.explicit_prefill = False  # the bench variant sdpa-prefill
+    assert not attn.explicit_rows(H, 40, 100) and attn.explicit_rows(H, 16, 100)
+    monkeypatch.setenv("MLXKT_EXPLICIT_ATTENTION", "0")
+    attn.explicit_prefill = None
+    assert not attn.explicit_rows(H, 40, 100) and not attn.explicit_rows(H, 2, 100)

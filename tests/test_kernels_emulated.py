@@ -258,7 +258,7 @@ def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch,
     kernel; its logits match plain MLX ops. With fused_rows q_a and kv_a are one launch
     (layers/fused_rows.py, as the loader does on CUDA)."""
     from mlxkt.inject import optimize
-    from mlxkt.kernels import gate_norm, mla_prep, qgemv, router
+    from mlxkt.kernels import gate_norm, mla_prep, qgemv, qgemv_lanes, router
     from mlxkt.layers import mla
     from mlxkt.layers.decode_compile import set_compiled_decode
     from mlxkt.layers.fused_rows import fuse_shared_inputs
@@ -293,12 +293,16 @@ def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch,
                         or real_gemv(x, layer, b, norm, residual))
     monkeypatch.setattr(dispatch, "fused_routed_experts",
                         lambda *a, **k: residuals.append(a[8] is not None) or real_moe(*a, **k))
+    heads = []  # per-head embed_q / unembed_out: (weight, query rows)
+    real_lanes = qgemv_lanes.lanes_gemv
+    monkeypatch.setattr(qgemv_lanes, "lanes_gemv", lambda x, w, *a, **k:
+                        heads.append((id(w), x.shape[1])) or real_lanes(x, w, *a, **k))
     optimize(model, linears=True)
     if fused_rows:
         assert fuse_shared_inputs(model) == len(model.layers)
     set_compiled_decode(model, True)
     readies = (dispatch.kernel_ready, dispatch.gemv_ready, router.router_ready, mla.prep_ready,
-               gate_norm.ready)
+               gate_norm.ready, dispatch.lanes_ready)
     for ready in readies:
         ready.cache_clear()
     mx.disable_compile()
@@ -323,5 +327,8 @@ def test_compiled_decode_folds_norms_and_residuals_into_the_kernels(monkeypatch,
     assert normed.count((1, 5)) == moe_layers
     layers = len(model.layers)
     assert preps == [5] * layers + [1] * 3 * layers  # the prompt (absorbed) and each step
+    mine = {id(getattr(la.self_attn, n).weight) for la in model.layers
+            for n in ("embed_q", "unembed_out")}
+    assert sorted(L for w, L in heads if w in mine) == [1] * 6 * layers + [5] * 2 * layers
     assert mx.array_equal(fast.argmax(-1), plain.argmax(-1))
     assert relative_error(fast, plain) < 1e-4

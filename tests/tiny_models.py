@@ -38,14 +38,15 @@ def deepseek_tiny(seed=0):
 
 
 def quantized_tiny(seed=0):
-    """The tiny V3 with 4-bit experts, shared experts and projections (float32 activations),
-    so that the fused expert and router kernels can run on it."""
+    """The tiny V3 with 4-bit experts, shared experts, projections and per-head MLA linears
+    (float32 activations), so that the fused expert, router and GEMV kernels can run on it."""
     import mlx.nn as nn
+    from mlx_lm.models.mla import MultiLinear
     from mlx_lm.models.switch_layers import SwitchLinear
 
     model = deepseek_tiny(seed)
     nn.quantize(model, group_size=64, bits=4,
-                class_predicate=lambda p, m: isinstance(m, (nn.Linear, SwitchLinear))
+                class_predicate=lambda p, m: isinstance(m, (nn.Linear, SwitchLinear, MultiLinear))
                 and m.weight.shape[-1] % 64 == 0)
     mx.eval(model.parameters())
     return model

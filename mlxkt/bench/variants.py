@@ -46,6 +46,13 @@ files; what pays off moves into the engine.
 - host-pos:      the compiled decode step's position (and the MLA kernels' meta) read by
                  every layer from the host-made array itself, not from one GPU copy
                  (layers/decode_compile.StepArrays; the copy is the default on CUDA).
+- sdpa-prefill:  prefill chunks' attention through MLX's fused SDPA again (cuDNN on CUDA,
+                 a new graph for every new prompt length) instead of explicit matmul +
+                 softmax (layers/mla.py explicit_rows; the default on CUDA).
+- no-lanes / lanes-rows: MLA's per-head embed_q / unembed_out on MLX's batched quantized
+                 matmul again instead of the lanes kernel (kernels/qgemv_lanes.py; the
+                 default where the GEMV kernel runs) / short rows of one matrix (q_b_proj)
+                 on the lanes kernel too instead of the block-per-row GEMV.
 - fused-proj:    projections that share their input as one linear each: q_a_proj with
                  kv_a_proj_with_mqa, and gate_proj with up_proj in the shared experts and
                  dense MLPs (rows concatenated, output split), so a decode step launches two
@@ -61,7 +68,7 @@ from ..layers.experts import RoutedExperts
 from ..layers.fused_rows import concat_linears, unfuse
 from ..layers.mla import ABSORB_MAX_L, MLAttention
 from ..layers.moe import MLP, DeepseekMoE
-from ..layers.qlinear import norm_linear
+from ..layers.qlinear import KernelQuantizedLinear, KernelQuantizedMultiLinear, norm_linear
 from .measure import Engine
 
 
@@ -111,7 +118,7 @@ def _moe_launch(**config):
 
 
 # Variants that change prefill too: the bench times their prefill (the others are decode-only).
-PREFILL_VARIANTS = {"no-segments", "one-stream"}
+PREFILL_VARIANTS = {"no-segments", "one-stream", "sdpa-prefill"}
 
 def _one_stream(engine: Engine):
     for layer in engine.model.model.layers:
@@ -195,6 +202,9 @@ VARIANTS = {
     "no-mla-prep": _attention_switch("prep_kernel", False),
     "mla-prep": _attention_switch("prep_kernel", True),
     "no-pad-keys": _attention_switch("pad_keys", False),
+    "no-lanes": _attention_switch("lanes", False, KernelQuantizedMultiLinear),
+    "lanes-rows": _attention_switch("lanes", True, KernelQuantizedLinear),
+    "sdpa-prefill": _attention_switch("explicit_prefill", False),
     "pad-keys": _attention_switch("pad_keys", True),
 }
 

@@ -13,7 +13,7 @@ from typing import Optional
 import mlx.core as mx
 
 from ..device import env_switch
-from .moe import (decode_sized, fused_max_pairs, fused_routed_experts, quant_params,
+from .moe import (MAX_TOKENS, decode_sized, fused_max_pairs, fused_routed_experts, quant_params,
                   shared_unsupported, unsupported)
 from .reference import routed_experts_reference
 
@@ -126,9 +126,56 @@ def quantized_linear(layer, x, norm=None, residual=None):
             if norm is not None and not qgemv.fusable_norm(norm):
                 x, norm = norm(x), None
             fused = (None if norm is None else (norm.weight.dtype, norm.eps), residual is not None)
+            if getattr(layer, "lanes", None) and lanes_ready(backend, (0, *sig, *fused)):
+                return _lanes_linear(layer, x, backend, norm, residual)
             if gemv_ready(backend, sig + fused if any(fused) else sig):
                 return qgemv.quantized_gemv(x, layer, backend, norm, residual)
     return qgemv.reference(x, layer, norm, residual)
+
+
+def _lanes_linear(layer, x, backend, norm, residual):
+    from .qgemv_lanes import lanes_gemv
+
+    y = lanes_gemv(x, layer.weight, layer.scales, layer.biases, layer.bits, layer.group_size,
+                   backend, False, norm, residual)
+    return y + layer.bias if "bias" in layer else y
+
+
+def multi_linear(layer, x, transpose=True):
+    """layer(x) for mlx-lm's QuantizedMultiLinear (weight [H, O, in], affine with biases):
+    the lanes kernel, all heads in one launch, for one sequence's decode-sized x [H, L, in]
+    on a GPU; MLX's batched quantized matmul otherwise."""
+    from mlx_lm.models.mla import QuantizedMultiLinear
+
+    w = layer.weight
+    if (transpose and layer.lanes is not False and x.ndim == 3 and x.shape[0] == w.shape[0]
+            and x.shape[1] <= MAX_TOKENS and kernels_enabled()
+            and (backend := gpu_backend()) is not None):
+        sig = (w.shape[0], w.shape[1], x.shape[2], x.shape[1], layer.bits, layer.group_size,
+               x.dtype, layer.scales.dtype, None, False)
+        if lanes_ready(backend, sig):
+            from .qgemv_lanes import lanes_gemv
+
+            return lanes_gemv(x, w, layer.scales, layer.biases, layer.bits, layer.group_size,
+                              backend, heads=True)
+    return QuantizedMultiLinear.__call__(layer, x, transpose)
+
+
+@lru_cache(maxsize=None)
+def lanes_ready(backend: str, signature) -> bool:
+    """Whether the lanes kernel takes calls of this signature (qgemv_lanes.probe's): per-head
+    matrices it tiles, or one matrix of short rows; built and checked once."""
+    from . import qgemv_lanes as ql
+
+    H, O, D, N, bits, gs, dtype, scale_dtype = signature[:8]
+    if bits not in (2, 4, 8) or gs not in (32, 64, 128):
+        return False
+    if not ql.supported(D, bits, gs, O, dtype, scale_dtype):
+        return False
+    if not H and not ql.short_rows(D, bits, gs):
+        return False  # long rows: the block-per-row kernel
+    return checked(f"{backend} quantized GEMV (lanes)", lambda: ql.probe(backend, signature),
+                   probe_tolerance(dtype))
 
 
 @lru_cache(maxsize=None)

@@ -150,17 +150,23 @@ def probe(backend, signature) -> float:
     norm_sig, res = fused if fused else (None, False)
     layer = random_linear(O, D, bits, gs, scale_dtype)
     x = mx.random.normal((N, D), key=mx.random.key(1)).astype(dtype)
+    norm, residual = probe_folds(N, O, D, dtype, norm_sig, res)
+    y = quantized_gemv(x, layer, backend, norm, residual)
+    ref = reference(x.astype(mx.float32), _float32_copy(layer), norm,
+                    None if residual is None else residual.astype(mx.float32))
+    mx.eval(y, ref)
+    return relative_error(y, ref)
+
+
+def probe_folds(N, O, D, dtype, norm_sig, res):
+    """(nn.RMSNorm or None, residual [N, O] or None) of a probe's signature, random."""
     norm = residual = None
     if norm_sig is not None:
         norm = nn.RMSNorm(D, eps=norm_sig[1])
         norm.weight = (1 + 0.3 * mx.random.normal((D,), key=mx.random.key(2))).astype(norm_sig[0])
     if res:
         residual = mx.random.normal((N, O), key=mx.random.key(3)).astype(dtype)
-    y = quantized_gemv(x, layer, backend, norm, residual)
-    ref = reference(x.astype(mx.float32), _float32_copy(layer), norm,
-                    None if residual is None else residual.astype(mx.float32))
-    mx.eval(y, ref)
-    return relative_error(y, ref)
+    return norm, residual
 
 
 def _float32_copy(layer):

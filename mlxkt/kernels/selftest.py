@@ -18,6 +18,7 @@ from .gate_norm import selftest as gate_norm_selftest
 from .mla_decode import selftest as mla_selftest
 from .mla_prep import selftest as prep_selftest
 from .qgemv import selftest as gemv_selftest
+from .qgemv_lanes import selftest as lanes_selftest
 from .router import selftest as router_selftest
 
 SHAPES = {
@@ -147,6 +148,7 @@ def selftest(shapes=None, bits=(4, 8), tokens=(1, 4), experts=None, echo=print):
                 mx.clear_cache()
     rows += router_selftest(backend, echo)
     rows += gemv_selftest(backend, echo)
+    rows += lanes_selftest(backend, echo)
     rows += prep_selftest(backend, echo)
     rows += gate_norm_selftest(backend, echo)
     rows += mla_selftest(backend, echo)

@@ -27,13 +27,17 @@ from .qlinear import KernelQuantizedLinear, norm_linear
 
 # Query lengths up to this use the absorbed path.
 ABSORB_MAX_L = 16
+# Prefill attention is explicit only while its scores (heads x rows x keys) stay this small:
+# 1 GiB in bf16, 512 query rows over 8192 keys at DeepSeek-V3's 128 heads.
+EXPLICIT_MAX_SCORES = 1 << 29
 
 
-def explicit_small_l() -> bool:
-    """Attention of 2-16 query rows as plain matmul + softmax instead of MLX's fused SDPA:
-    MLXKT_EXPLICIT_ATTENTION=1/0, else on CUDA, where MLX hands those shapes to cuDNN and
-    cuDNN builds a new graph for every cache length (~45 ms each on an H200: an MTP verify
-    step went from 2.1 ms to 48 ms once the cache grew). One query row is not affected."""
+def explicit_attention() -> bool:
+    """Attention of 2 or more query rows as plain matmul + softmax instead of MLX's fused
+    SDPA: MLXKT_EXPLICIT_ATTENTION=1/0, else on CUDA, where MLX hands those shapes to cuDNN
+    and cuDNN builds a new graph for every (rows, keys) shape (~45 ms each on an H200: an
+    MTP verify step went from 2.1 ms to 48 ms once the cache grew, and a prompt of a new
+    length pays it in its last prefill chunk). One query row is not affected."""
     forced = env_switch("MLXKT_EXPLICIT_ATTENTION")
     return gpu_backend() == "cuda" if forced is None else forced
 
@@ -87,6 +91,9 @@ class MLAttention(nn.Module):
     pad_keys: Optional[bool] = None
     # None: mla_scores decides (CUDA); False/True: decode scores by SDPA / by one addmm.
     addmm_scores: Optional[bool] = None
+    # None: explicit_attention() decides for prefill chunks too (up to EXPLICIT_MAX_SCORES);
+    # False: prefill chunks (more than ABSORB_MAX_L rows) always through MLX's fused SDPA.
+    explicit_prefill: Optional[bool] = None
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -226,11 +233,18 @@ class MLAttention(nn.Module):
         if mask is not None:
             neg = mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype)
             pe_scores = mx.where(mask, pe_scores, neg)
-        if 1 < q.shape[2] <= ABSORB_MAX_L and explicit_small_l():
+        if self.explicit_rows(*q.shape[1:3], k.shape[2]):
             # The ops (and bf16 rounding) MLX's CUDA fallback uses for one query row too.
             scores = (q * self.scale) @ k.swapaxes(-1, -2) + pe_scores  # [B, H, L, S]
             return mx.softmax(scores, axis=-1, precise=True) @ v
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pe_scores)
+
+    def explicit_rows(self, H, L, S) -> bool:
+        """Whether attention of L query rows over S keys runs as explicit matmul + softmax."""
+        if L <= 1 or (L > ABSORB_MAX_L and (self.explicit_prefill is False
+                                            or H * L * S > EXPLICIT_MAX_SCORES)):
+            return False
+        return explicit_attention()
 
     def decode_kernel(self, q_lat, q_pe, cache, mask, memo=None):
         """(backend, meta) when the MLA decode kernels take this step (cache already
