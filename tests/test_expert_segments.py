@@ -70,6 +70,25 @@ def test_segments_equal_reference(bits, group_size):
     assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item(), f"max abs error {err:.3g}"
 
 
+def test_rows_padded_to_row_tiles_give_the_same_sums(monkeypatch):
+    """On CUDA each expert's rows are padded to qmm's row tile by the one gather (pad rows
+    repeat a real row and are dropped): forced here on the CPU."""
+    from mlxkt.layers import expert_segments
+
+    m = quantized_experts()
+    x = mx.random.normal((37, D))
+    inds, scores = routing((37,))
+    want = segmented_experts(x, inds, scores, *projs(m))
+    monkeypatch.setattr(expert_segments, "gpu_backend", lambda: "cuda")
+    seen = []
+    real_qmm = expert_segments._qmm
+    monkeypatch.setattr(expert_segments, "_qmm", lambda h, layer, e: seen.append(h.shape[0])
+                        or real_qmm(h, layer, e))
+    got = segmented_experts(x, inds, scores, *projs(m))
+    assert seen and all(n == _row_tile(n) for n in seen)  # every expert's rows padded
+    assert mx.allclose(got, want, atol=1e-5, rtol=1e-5).item()
+
+
 def test_segments_equal_a_per_pair_loop():
     """Against dequantized weights, pair by pair (independent of gather_qmm)."""
     m = quantized_experts()
