@@ -2,7 +2,7 @@
 (metal/qgemv_lanes.inc) vs MLX's quantized matmul, and vs mlxkt's block-per-row GEMV
 (qgemv.inc) for one matrix. DeepSeek-V3 shapes, 4-bit group 64, bf16. Eval-only µs per call
 (graphs built first), as a fraction of MLX's copy bandwidth measured in the same process;
-each timing rotates over copies of the weights (> 200 MB) so they do not sit in L2. On CUDA
+each timing rotates over copies of the weights (up to 16, > 50 MB) so they do not sit in L2. On CUDA
 with torch, also the kernels' own GPU µs per call (CUPTI): a 5 MB call is over in a few µs,
 less than MLX's host takes to launch it, so eval-only µs there measure the host.
 

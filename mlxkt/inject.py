@@ -115,8 +115,8 @@ def _kernel_module(module, kind: str) -> nn.Module:
 
 
 def plain_linears(model: nn.Module) -> int:
-    """Undo optimize's linear swaps (nn.QuantizedLinear again, same arrays), stacked
-    projections included (layers/fused_rows.py): for A/B runs."""
+    """Undo optimize's linear swaps (nn.QuantizedLinear and mlx-lm's QuantizedMultiLinear
+    again, same arrays), stacked projections included (layers/fused_rows.py): for A/B runs."""
     from .layers.fused_rows import unfuse
 
     unfuse(model)
@@ -134,7 +134,7 @@ def optimize(model: nn.Module, rules=RULES, verbose: bool = False,
              linears: Optional[bool] = None) -> nn.Module:
     """Replace every module matched by `rules` with its kernel version, in place; returns model.
     linears (default: kernels.dispatch.gemv_enabled, on CUDA) adds LINEAR_RULES, the dense
-    GEMV kernel."""
+    GEMV kernels (quantized linears, and MLA's per-head linears on the lanes kernel)."""
     if gemv_enabled(kernel_backend()) if linears is None else linears:
         rules = tuple(rules) + LINEAR_RULES
     swaps = []

@@ -71,8 +71,8 @@ def test_segments_equal_reference(bits, group_size):
 
 
 def test_rows_padded_to_row_tiles_give_the_same_sums(monkeypatch):
-    """On CUDA each expert's rows are padded to qmm's row tile by the one gather (pad rows
-    repeat a real row and are dropped): forced here on the CPU."""
+    """On CUDA each expert's rows are padded with zero rows to qmm's row tile (their outputs
+    are sliced off): forced here on the CPU."""
     from mlxkt.layers import expert_segments
 
     m = quantized_experts()

@@ -79,6 +79,8 @@ def test_launch_config_fits_blocks_to_heads():
         ql.launch_config(128, 4, 64, 3)  # no block of 8-row warps tiles 3 rows
     with pytest.raises(ValueError):
         ql.launch_config(4096, 4, 64, 64, lpr=8)  # 16 pieces a lane: too many registers
+    with pytest.raises(ValueError, match="at most 8"):
+        ql.launch_config(128, 4, 64, 512, tokens=9)
     assert not ql.supported(128, 4, 64, 3, mx.float16, mx.float16)
     assert ql.supported(128, 4, 64, 512, mx.bfloat16, mx.bfloat16)
 

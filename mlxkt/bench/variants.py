@@ -14,7 +14,9 @@ files; what pays off moves into the engine.
                  moe-segments variant) turned off for this engine, i.e. gather_qmm as
                  before: the before/after of that change in one run.
 - gemv / no-gemv: the dense quantized linear layers through mlxkt's GEMV kernel
-                 (kernels/qgemv.py; the default on CUDA), or back on MLX's quantized matmul.
+                 (kernels/qgemv.py; the default on CUDA), or back on MLX's quantized matmul;
+                 since 2026-11-26 (ninth session) MLA's per-head linears too (the lanes
+                 kernel), so no-gemv results from before then left those on MLX either way.
 - no-mla-kernel / mla-kernel: one-token decode attention without / with the MLA decode
                  kernels (kernels/mla_decode.py; off by default, MLXKT_MLA_KERNEL=1).
 - no-fused-shared: the shared expert as its own linears again instead of inside the

@@ -149,7 +149,8 @@ def multi_linear(layer, x, transpose=True):
 
     w = layer.weight
     if (transpose and layer.lanes is not False and x.ndim == 3 and x.shape[0] == w.shape[0]
-            and x.shape[1] <= MAX_TOKENS and kernels_enabled()
+            and x.shape[2] * layer.bits == w.shape[2] * 32 and x.shape[1] <= MAX_TOKENS
+            and kernels_enabled()
             and (backend := gpu_backend()) is not None):
         sig = (w.shape[0], w.shape[1], x.shape[2], x.shape[1], layer.bits, layer.group_size,
                x.dtype, layer.scales.dtype, None, False)

@@ -24,9 +24,10 @@ SPEC = sources.KernelSpec(
     raw16=(("TK", "x"), ("GK", "g")),
 )
 
-# One matrix's rows of fewer pieces (16-byte loads) than this may take this kernel (a
-# linear's `lanes = True`): q_b_proj's did not pay on an H100 (24.5 µs per call with its
-# folded norm against 17.9 for qgemv.inc), so it is not the default.
+# One matrix's rows of fewer pieces (16-byte loads at 4 bits) than this may take this kernel
+# (a linear's `lanes = True`): q_b_proj's did not pay in the engine on an H100 (24.5 µs per
+# call with its folded norm, 4 warps x 2 rows, against 17.9 for qgemv.inc; not re-measured
+# with the 2 x 4 default or 8-byte pieces, which matched qgemv.inc alone), so it is off.
 SHORT_PIECES = 64
 
 
@@ -41,18 +42,20 @@ def pieces(D, bits, gs, wp=None) -> tuple:
 
 def launch_config(D, bits, gs, rows, tokens=1, lpr=None, rpl=None, nw=None, wp=None) -> dict:
     """Lanes per row, rows per lane group, warps per block, words per piece. `rows`: rows per
-    head (all rows for one matrix), which a block's rows must divide. Defaults: 16-byte
-    pieces, as many lanes per row as divide its pieces (up to 32), 2 warps x 4 rows (the
-    fastest for embed_q and unembed_out of benchmarks/gemv_lanes.py on an H100, 4.6 and 4.9
-    µs of GPU time at one token), shrunk until a block fits the head. ValueError when no
-    block does."""
+    head (all rows for one matrix), which a block's rows must divide. Defaults: the largest
+    piece inside a group (16 bytes at 4 and 8 bits), as many lanes per row as divide its
+    pieces (up to 32), 2 warps x 4 rows (benchmarks/gemv_lanes.py on an H100, GPU time at one
+    token: the fastest for embed_q, 4.6 µs; unembed_out 4.9, within 0.4 µs of its best),
+    shrunk until a block fits the head. ValueError when no block does."""
+    if tokens > MAX_TOKENS:
+        raise ValueError(f"{tokens} tokens: the kernel takes at most {MAX_TOKENS}")
     wp, pr = pieces(D, bits, gs, wp)
     lpr = lpr or max(n for n in (1, 2, 4, 8, 16, 32) if pr % n == 0)
     if pr % lpr or 32 % lpr or pr // lpr > 8:
         raise ValueError(f"{lpr} lanes per row do not split {pr} pieces (at most 8 a lane)")
     for n, r in ([(nw, rpl)] if nw and rpl else
                  [(nw or a, rpl or b) for a, b in ((2, 4), (2, 2), (2, 1), (1, 1))]):
-        if rows % (n * (32 // lpr) * r) == 0 and tokens <= MAX_TOKENS:
+        if rows % (n * (32 // lpr) * r) == 0:
             return {"lpr": lpr, "rpl": r, "nw": n, "wp": wp}
     raise ValueError(f"no block of lane groups tiles {rows} rows")
 
@@ -86,7 +89,7 @@ def launch(O, HO, D, N, bits, gs, dtype, scale_dtype, config=(), norm=None, res=
     gk, eps = (TYPE_KIND[norm[0]], float_bits(norm[1])) if norm else (tk, 0)
     rpb = nw * (32 // lpr) * rpl
     return dict(
-        template=[("O", O), ("HO", HO), ("D", D), ("BITS", bits), ("GS", gs), ("NT", N),
+        template=[("HO", HO), ("D", D), ("BITS", bits), ("GS", gs), ("NT", N),
                   ("NW", nw), ("LPR", lpr), ("RPL", rpl), ("WP", cfg["wp"]), ("TK", tk),
                   ("T", dtype), ("ST", scale_dtype), ("NRM", int(norm is not None)),
                   ("GK", gk), ("EPS", eps), ("RES", int(res))],
@@ -142,6 +145,8 @@ def probe(backend, signature) -> float:
     from .qgemv import probe_folds
 
     H, O, D, N, bits, gs, dtype, scale_dtype, norm_sig, res = signature
+    if H and (norm_sig is not None or res):
+        raise ValueError("the per-head call folds no norm or residual")
     w, s, b = random_heads(max(H, 1), O, D, bits, gs, scale_dtype)
     if not H:
         w, s, b = w[0], s[0], b[0]

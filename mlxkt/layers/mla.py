@@ -27,8 +27,9 @@ from .qlinear import KernelQuantizedLinear, norm_linear
 
 # Query lengths up to this use the absorbed path.
 ABSORB_MAX_L = 16
-# Prefill attention is explicit only while its scores (heads x rows x keys) stay this small:
-# 1 GiB in bf16, 512 query rows over 8192 keys at DeepSeek-V3's 128 heads.
+# Prefill attention is explicit only while its scores (batch x heads x rows x keys) stay this
+# small: 1 GiB per bf16 array of them (the path holds a few at once: rope scores, products,
+# softmax), 512 query rows over 8192 keys at DeepSeek-V3's 128 heads.
 EXPLICIT_MAX_SCORES = 1 << 29
 
 
@@ -91,8 +92,9 @@ class MLAttention(nn.Module):
     pad_keys: Optional[bool] = None
     # None: mla_scores decides (CUDA); False/True: decode scores by SDPA / by one addmm.
     addmm_scores: Optional[bool] = None
-    # None: explicit_attention() decides for prefill chunks too (up to EXPLICIT_MAX_SCORES);
-    # False: prefill chunks (more than ABSORB_MAX_L rows) always through MLX's fused SDPA.
+    # None (or True, the same): explicit_attention() decides for prefill chunks too, up to
+    # EXPLICIT_MAX_SCORES; False: prefill chunks (more than ABSORB_MAX_L rows) always through
+    # MLX's fused SDPA (the bench variant sdpa-prefill).
     explicit_prefill: Optional[bool] = None
 
     def __init__(self, args: ModelArgs):
@@ -233,16 +235,17 @@ class MLAttention(nn.Module):
         if mask is not None:
             neg = mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype)
             pe_scores = mx.where(mask, pe_scores, neg)
-        if self.explicit_rows(*q.shape[1:3], k.shape[2]):
+        if self.explicit_rows(*q.shape[1:3], k.shape[2], q.shape[0]):
             # The ops (and bf16 rounding) MLX's CUDA fallback uses for one query row too.
             scores = (q * self.scale) @ k.swapaxes(-1, -2) + pe_scores  # [B, H, L, S]
             return mx.softmax(scores, axis=-1, precise=True) @ v
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pe_scores)
 
-    def explicit_rows(self, H, L, S) -> bool:
-        """Whether attention of L query rows over S keys runs as explicit matmul + softmax."""
+    def explicit_rows(self, H, L, S, B=1) -> bool:
+        """Whether attention of L query rows over S keys (H heads, B sequences) runs as
+        explicit matmul + softmax."""
         if L <= 1 or (L > ABSORB_MAX_L and (self.explicit_prefill is False
-                                            or H * L * S > EXPLICIT_MAX_SCORES)):
+                                            or B * H * L * S > EXPLICIT_MAX_SCORES)):
             return False
         return explicit_attention()
 
