@@ -46,15 +46,21 @@ def decode_sized(x) -> bool:
     return x.size // x.shape[-1] <= MAX_TOKENS
 
 
-def launch_config(O, D, bits, gs, tokens=1, nw=None, rpw=None, wp=None, sa=None) -> dict:
-    """Warps per block (they split each row's pieces), rows per block, words per piece (one
-    load of 4, 8 or 16 bytes), pieces per thread per load stage. Defaults: the H200's
-    fastest of benchmarks/gemv.py (see metal/README.md)."""
+def row_pieces(D, bits, gs, wp=None) -> tuple:
+    """(words per piece, pieces per row): a piece is one load of 4, 8 or 16 bytes, by default
+    the largest inside a quantization group."""
     vpw = 32 // bits
     wp = wp or max(w for w in (1, 2, 4) if vpw * w <= gs)
     if gs % (vpw * wp) or D % (vpw * wp):
         raise ValueError(f"{wp} words per piece do not tile groups of {gs} and rows of {D}")
-    pieces = D // (vpw * wp)
+    return wp, D // (vpw * wp)
+
+
+def launch_config(O, D, bits, gs, tokens=1, nw=None, rpw=None, wp=None, sa=None) -> dict:
+    """Warps per block (they split each row's pieces), rows per block, words per piece (one
+    load of 4, 8 or 16 bytes), pieces per thread per load stage. Defaults: the H200's
+    fastest of benchmarks/gemv.py (see metal/README.md)."""
+    wp, pieces = row_pieces(D, bits, gs, wp)
     short = pieces < 64 and nw is None and rpw is None  # q_b_proj: 2 x 4 beat 1 x 8 by 10%
     nw = nw or (2 if short else max(1, min(8, round(pieces / 64))))
     rpw = rpw or min(4 if short else 8, nw * 32 // tokens)

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from . import sources
 from .moe import FLOAT_TYPES, MAX_TOKENS, TYPE_KIND, float_bits, kernel_fn
+from .qgemv import row_pieces
 
 SPEC = sources.KernelSpec(
     name="mlxkt_qgemv_lanes",
@@ -31,15 +32,6 @@ SPEC = sources.KernelSpec(
 SHORT_PIECES = 64
 
 
-def pieces(D, bits, gs, wp=None) -> tuple:
-    """(words per piece, pieces per row): a piece is one load of 4, 8 or 16 bytes."""
-    vpw = 32 // bits
-    wp = wp or max(w for w in (1, 2, 4) if vpw * w <= gs)
-    if gs % (vpw * wp) or D % (vpw * wp):
-        raise ValueError(f"{wp} words per piece do not tile groups of {gs} and rows of {D}")
-    return wp, D // (vpw * wp)
-
-
 def launch_config(D, bits, gs, rows, tokens=1, lpr=None, rpl=None, nw=None, wp=None) -> dict:
     """Lanes per row, rows per lane group, warps per block, words per piece. `rows`: rows per
     head (all rows for one matrix), which a block's rows must divide. Defaults: the largest
@@ -49,7 +41,7 @@ def launch_config(D, bits, gs, rows, tokens=1, lpr=None, rpl=None, nw=None, wp=N
     shrunk until a block fits the head. ValueError when no block does."""
     if tokens > MAX_TOKENS:
         raise ValueError(f"{tokens} tokens: the kernel takes at most {MAX_TOKENS}")
-    wp, pr = pieces(D, bits, gs, wp)
+    wp, pr = row_pieces(D, bits, gs, wp)
     lpr = lpr or max(n for n in (1, 2, 4, 8, 16, 32) if pr % n == 0)
     if pr % lpr or 32 % lpr or pr // lpr > 8:
         raise ValueError(f"{lpr} lanes per row do not split {pr} pieces (at most 8 a lane)")
@@ -63,7 +55,7 @@ def launch_config(D, bits, gs, rows, tokens=1, lpr=None, rpl=None, nw=None, wp=N
 def short_rows(D, bits, gs) -> bool:
     """Rows this kernel takes over from qgemv.inc's for one matrix."""
     try:
-        return pieces(D, bits, gs)[1] < SHORT_PIECES
+        return row_pieces(D, bits, gs)[1] < SHORT_PIECES
     except ValueError:
         return False
 
