@@ -11,7 +11,7 @@ pairs h_i with token t_{i+1}, so at every cycle boundary both hold the same posi
 """
 
 from dataclasses import dataclass
-from typing import Generator, List
+from typing import Generator, List, Optional
 
 import mlx.core as mx
 from mlx_lm.models.cache import trim_prompt_cache
@@ -115,7 +115,7 @@ def mtp_generate_step(
     sampling: Sampling = Sampling(),
     prompt_cache: List = None,
     draft_tokens: int = 1,
-    prefill_step_size: int = 512,
+    prefill_step_size: Optional[int] = None,
     stats: SpecStats = None,
 ) -> Generator:
     """Yield (token, logprobs, from_draft) like generate_step, drafting with model.mtp."""

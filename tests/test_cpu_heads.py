@@ -98,3 +98,41 @@ def test_explicit_prefill_only_while_its_scores_are_small(attn, monkeypatch):
     monkeypatch.setenv("MLXKT_EXPLICIT_ATTENTION", "0")
     attn.explicit_prefill = None
     assert not attn.explicit_rows(H, 40, 100) and not attn.explicit_rows(H, 2, 100)
+
+
+@pytest.mark.parametrize("explicit", ["0", "1"])
+def test_prefill_attention_in_row_blocks_is_unchanged(attn, monkeypatch, explicit):
+    """Prefill rows whose scores pass EXPLICIT_MAX_SCORES run in blocks of rows that fit it,
+    each on the explicit path where that is on; the output is the one-block result."""
+    from mlxkt.layers import mla
+
+    monkeypatch.setenv("MLXKT_EXPLICIT_ATTENTION", explicit)
+    args = inputs(attn, 40, True)
+    want = attn.attend(*args)
+    H = attn.num_heads
+    monkeypatch.setattr(mla, "EXPLICIT_MAX_SCORES", 12 * H * S)  # blocks of 12, 12, 12, 4 rows
+    calls = []
+    plain = attn.attend
+    monkeypatch.setattr(attn, "attend", lambda *a: calls.append(
+        (a[0].shape[2], attn.explicit_rows(H, a[0].shape[2], S))) or plain(*a))
+    got = attn.attend_rows(*args)
+    assert calls == [(12, explicit == "1")] * 3 + [(4, explicit == "1")]
+    assert got.shape == want.shape
+    assert mx.allclose(got, want, atol=1e-5, rtol=1e-5).item()
+
+
+def test_model_prefill_with_row_blocks_is_unchanged(monkeypatch):
+    from mlxkt.layers import mla
+
+    model = random_model(DEMO_CONFIG)
+    prompt = mx.random.randint(0, DEMO_CONFIG["vocab_size"], (1, 70), key=mx.random.key(2))
+
+    def logits():
+        cache = model.make_cache()
+        a = model(prompt[:, :30], cache=cache)  # the second chunk's mask is [40, 70]
+        return mx.concatenate([a, model(prompt[:, 30:], cache=cache)], axis=1)
+
+    want = logits()
+    H = model.model.layers[0].self_attn.num_heads
+    monkeypatch.setattr(mla, "EXPLICIT_MAX_SCORES", 7 * H * 70)
+    assert mx.allclose(logits(), want, atol=1e-4, rtol=1e-4).item()

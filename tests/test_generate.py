@@ -147,3 +147,19 @@ def test_chat_session_survives_a_reply_abandoned_early(tokenizer):
 def test_empty_prompt_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="empty"):
         next(stream_generate(deepseek_tiny(), tokenizer, [], max_tokens=3))
+
+
+def test_prefill_step_default_and_override(monkeypatch):
+    from mlxkt import generate
+    from mlxkt.kernels.dispatch import gpu_backend
+
+    monkeypatch.delenv("MLXKT_PREFILL_STEP", raising=False)
+    want = generate.PREFILL_STEP_CUDA if gpu_backend() == "cuda" else generate.PREFILL_STEP
+    assert generate.prefill_step() == want
+    assert prefill_chunks(3000, small=16, stepwise=False)[0] == (0, want)
+    monkeypatch.setenv("MLXKT_PREFILL_STEP", "100")
+    assert prefill_chunks(250, small=16, stepwise=False) == [(0, 100), (100, 200), (200, 250)]
+    for bad in ("0", "-5", "big"):
+        monkeypatch.setenv("MLXKT_PREFILL_STEP", bad)
+        with pytest.raises(ValueError, match="MLXKT_PREFILL_STEP"):
+            generate.prefill_step()

@@ -6,7 +6,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +26,7 @@ class Engine:
     notes: List[str] = field(default_factory=list)
     variant: str = ""  # experimental variant applied (mlxkt.bench.variants)
     decode_only: bool = False  # the variant leaves prefill as it is: do not time it again
+    prefill_step: Optional[int] = None  # mlxkt's prefill chunk length; None: the engine's own
 
 
 def mlxkt_engine(path, dtype=None) -> Engine:
@@ -37,10 +38,13 @@ def mlxkt_engine(path, dtype=None) -> Engine:
     used = mx.get_active_memory() - before
 
     def stream(prompt, cache, n):
-        for tok, _, _ in generate_step(prompt, model, max_tokens=n, prompt_cache=cache, mtp=False):
+        step = {} if engine.prefill_step is None else {"prefill_step_size": engine.prefill_step}
+        for tok, _, _ in generate_step(prompt, model, max_tokens=n, prompt_cache=cache,
+                                       mtp=False, **step):
             yield tok
 
-    return Engine("mlxkt", model, model.make_cache, stream, used)
+    engine = Engine("mlxkt", model, model.make_cache, stream, used)
+    return engine
 
 
 def mlx_lm_engine(path, dtype=None) -> Engine:

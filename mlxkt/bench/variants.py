@@ -59,6 +59,8 @@ files; what pays off moves into the engine.
                  kv_a_proj_with_mqa, and gate_proj with up_proj in the shared experts and
                  dense MLPs (rows concatenated, output split), so a decode step launches two
                  kernels fewer per layer. Holds a second copy of those weights.
+- prefill-N:     prompts prefilled in chunks of N tokens (512, 1024, 2048 or 4096) instead
+                 of the engine's own choice (generate.prefill_step).
 """
 
 from functools import partial
@@ -120,7 +122,8 @@ def _moe_launch(**config):
 
 
 # Variants that change prefill too: the bench times their prefill (the others are decode-only).
-PREFILL_VARIANTS = {"no-segments", "one-stream", "sdpa-prefill"}
+PREFILL_VARIANTS = {"no-segments", "one-stream", "sdpa-prefill",
+                    "prefill-512", "prefill-1024", "prefill-2048", "prefill-4096"}
 
 def _one_stream(engine: Engine):
     for layer in engine.model.model.layers:
@@ -171,6 +174,12 @@ def _host_positions(engine: Engine):
             compiled.steps.device_copy = False
 
 
+def _prefill_step(n: int):
+    def apply(engine: Engine):
+        engine.prefill_step = n
+    return apply
+
+
 def _attention_switch(name: str, on: bool, kind=MLAttention):
     """A variant that sets one plain attribute (a switch) of every `kind` module."""
     def apply(engine: Engine):
@@ -208,6 +217,7 @@ VARIANTS = {
     "lanes-rows": _attention_switch("lanes", True, KernelQuantizedLinear),
     "sdpa-prefill": _attention_switch("explicit_prefill", False),
     "pad-keys": _attention_switch("pad_keys", True),
+    **{f"prefill-{n}": _prefill_step(n) for n in (512, 1024, 2048, 4096)},
 }
 
 

@@ -304,5 +304,20 @@ class MLAttention(nn.Module):
             latent, k_pe = cache.update_and_fetch(latent, k_pe)
         k = self.embed_q(latent, transpose=False)  # [B, H, S, nope]
         v = self.unembed_out(latent)  # [B, H, S, v]
-        out = self.attend(q_nope, q_pe * self.scale, k, v, k_pe, mask)  # [B, H, L, v]
+        out = self.attend_rows(q_nope, q_pe * self.scale, k, v, k_pe, mask)  # [B, H, L, v]
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def attend_rows(self, q, q_pe, k, v, k_pe, mask=None):
+        """attend() in blocks of query rows whose scores (B x H x rows x S) fit
+        EXPLICIT_MAX_SCORES: the rope scores are a full array on every path, so this bounds a
+        long prompt's prefill memory at long contexts (2048-row chunks at 128K keys would
+        need 64 GiB), and on CUDA keeps every block on the explicit path."""
+        # q: [B, H, L, dq], k/v: [B, H, S, *], mask: [L, S] or None -> [B, H, L, v]
+        B, H, L, _ = q.shape
+        rows = max(1, EXPLICIT_MAX_SCORES // (B * H * k.shape[2]))
+        if rows >= L:
+            return self.attend(q, q_pe, k, v, k_pe, mask)
+        return mx.concatenate([
+            self.attend(q[:, :, s:s + rows], q_pe[:, :, s:s + rows], k, v, k_pe,
+                        None if mask is None else mask[..., s:s + rows, :])
+            for s in range(0, L, rows)], axis=2)
