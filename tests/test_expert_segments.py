@@ -42,9 +42,9 @@ def count_segment_calls(monkeypatch):
     calls = []
     real = experts_mod.segmented_experts
 
-    def counted(*a, **kw):
+    def counted(*a):
         calls.append(a[1].size)
-        return real(*a, **kw)
+        return real(*a)
 
     monkeypatch.setattr(experts_mod, "segmented_experts", counted)
     return calls
@@ -57,24 +57,22 @@ ON_CUDA = mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available
 MLX_CUDA_G128 = pytest.mark.xfail(ON_CUDA, reason="MLX CUDA qmm, group 128 over 128 inputs")
 
 
-@pytest.mark.parametrize("host_layout", [True, False])
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 64), (2, 32),
                                              pytest.param(4, 128, marks=MLX_CUDA_G128), (8, 32)])
-def test_segments_equal_reference(bits, group_size, host_layout):
+def test_segments_equal_reference(bits, group_size):
     m = quantized_experts(bits, group_size)
     x = mx.random.normal((2, 150, D))  # [B, L, D] float32
     inds, scores = routing((2, 150))
     want = routed_experts_reference(x, inds, scores, *projs(m))
-    got = segmented_experts(x, inds, scores, *projs(m), host_layout=host_layout)
+    got = segmented_experts(x, inds, scores, *projs(m))
     assert got.shape == want.shape and got.dtype == mx.float32
     err = mx.abs(got - want).max().item()
     assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item(), f"max abs error {err:.3g}"
 
 
-@pytest.mark.parametrize("host_layout", [True, False])
-def test_rows_padded_to_row_tiles_give_the_same_sums(monkeypatch, host_layout):
+def test_rows_padded_to_row_tiles_give_the_same_sums(monkeypatch):
     """On CUDA each expert's rows are padded with zero rows to qmm's row tile (their outputs
-    are dropped): forced here on the CPU."""
+    are sliced off): forced here on the CPU."""
     from mlxkt.layers import expert_segments
 
     m = quantized_experts()
@@ -86,7 +84,7 @@ def test_rows_padded_to_row_tiles_give_the_same_sums(monkeypatch, host_layout):
     real_qmm = expert_segments._qmm
     monkeypatch.setattr(expert_segments, "_qmm", lambda h, layer, e: seen.append(h.shape[0])
                         or real_qmm(h, layer, e))
-    got = segmented_experts(x, inds, scores, *projs(m), host_layout=host_layout)
+    got = segmented_experts(x, inds, scores, *projs(m))
     assert seen and all(n == _row_tile(n) for n in seen)  # every expert's rows padded
     assert mx.allclose(got, want, atol=1e-5, rtol=1e-5).item()
 
@@ -204,26 +202,3 @@ def test_no_segments_variant_is_per_engine(tiny_quantized, monkeypatch):
     d = Engine("mlxkt", other, other.make_cache, lambda *a: iter(()))
     variants.apply_variant(d, "eager")
     assert d.decode_only
-
-
-def test_segments_gpu_layout_variant(tiny_quantized, monkeypatch):
-    """The variant lays the pairs out on the GPU (the path before the host layout): the same
-    logits, and only on that engine."""
-    monkeypatch.setenv("MLXKT_SEGMENTS", "1")
-    prompt = mx.random.randint(0, 320, (1, 80), key=mx.random.key(5))
-    want = tiny_quantized(prompt)
-    seen = []
-    real = experts_mod.segmented_experts
-    monkeypatch.setattr(experts_mod, "segmented_experts",
-                        lambda *a, **kw: seen.append(kw["host_layout"]) or real(*a, **kw))
-    e = Engine("mlxkt", tiny_quantized, tiny_quantized.make_cache, lambda *a: iter(()))
-    variants.apply_variant(e, "segments-gpu-layout")
-    assert not e.decode_only
-    try:
-        got = tiny_quantized(prompt)
-    finally:
-        for m in tiny_quantized.modules():
-            if isinstance(m, RoutedExperts):
-                m.host_layout = True
-    assert seen and not any(seen)
-    assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item()

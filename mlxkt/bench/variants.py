@@ -13,9 +13,6 @@ files; what pays off moves into the engine.
                  matmul per expert, layers/expert_segments.py; moved in from the former
                  moe-segments variant) turned off for this engine, i.e. gather_qmm as
                  before: the before/after of that change in one run.
-- segments-gpu-layout: the segmented prefill's pairs sorted, counted and padded on the GPU
-                 (a zeros + concatenate per padded expert) as before 2026-11-26 (tenth
-                 session), instead of laid out on the host and gathered once.
 - gemv / no-gemv: the dense quantized linear layers through mlxkt's GEMV kernel
                  (kernels/qgemv.py; the default on CUDA), or back on MLX's quantized matmul;
                  since 2026-11-26 (ninth session) MLA's per-head linears too (the lanes
@@ -125,7 +122,7 @@ def _moe_launch(**config):
 
 
 # Variants that change prefill too: the bench times their prefill (the others are decode-only).
-PREFILL_VARIANTS = {"no-segments", "segments-gpu-layout", "one-stream", "sdpa-prefill",
+PREFILL_VARIANTS = {"no-segments", "one-stream", "sdpa-prefill",
                     "prefill-512", "prefill-1024", "prefill-2048", "prefill-4096"}
 
 def _one_stream(engine: Engine):
@@ -198,7 +195,6 @@ VARIANTS = {
     "one-stream": _one_stream,
     "mla-gemm": _gemm_attention,
     "no-segments": _no_segments,
-    "segments-gpu-layout": _attention_switch("host_layout", False, RoutedExperts),
     "gemv": _gemv,
     "no-gemv": _no_gemv,
     "fused-proj": _fused_proj,

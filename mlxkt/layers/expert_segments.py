@@ -13,7 +13,6 @@ project's CPU, never measured on Metal).
 import os
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
 
 from ..kernels.dispatch import gpu_backend
@@ -59,74 +58,37 @@ def use_segments(x, inds, gate_proj, up_proj=None, down_proj=None) -> bool:
     return forced or gpu_backend() == "cuda"
 
 
-def segmented_experts(x, inds, scores, gate_proj, up_proj, down_proj, host_layout=True):
+def segmented_experts(x, inds, scores, gate_proj, up_proj, down_proj):
     """sum_k scores[..., k] * expert_{inds[..., k]}(x), expert by expert on sorted pairs.
 
-    host_layout: read the pairs' expert ids back and lay out the rows on the host (one gather
-    of x, padding included), instead of sorting and counting on the GPU and padding each
-    expert's rows with two kernels of its own (the bench variant segments-gpu-layout).
-    Returns None when the ids cannot be read (inside mx.compile or vmap, which forbid the
-    host sync); the caller then takes the gather path."""
+    Returns None when the per-expert counts cannot be read (inside mx.compile or vmap, which
+    forbid the host sync); the caller then takes the gather path."""
     # x: [..., D], inds/scores: [..., K] -> [..., D] (x.dtype)
     lead, K, D = inds.shape[:-1], inds.shape[-1], x.shape[-1]
     E = gate_proj.weight.shape[0]
     flat = inds.reshape(-1)  # [P], P = N*K pairs in (token, k) order
-    pad_rows = gpu_backend() == "cuda"
-    layout = _host_rows if host_layout else _gpu_rows
+    order = mx.argsort(flat)  # [P], pairs grouped by expert
     try:
-        xs, segments, back = layout(x.reshape(-1, D), flat, K, E, pad_rows)
+        counts = (flat[:, None] == mx.arange(E)[None]).sum(axis=0).tolist()  # host sync, [E]
     except ValueError:  # "eval during a function transformation": no sync possible here
         return None
-    outs = []
-    for e, start, rows, keep in segments:
-        xe = xs[start : start + rows]  # [rows, D]
-        pad = _row_tile(rows) - rows if pad_rows else 0
+    pad_rows = gpu_backend() == "cuda"
+    xs = x.reshape(-1, D)[order // K]  # [P, D] grouped by expert
+    outs, start = [], 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        xe = xs[start : start + c]  # [c, D]
+        pad = _row_tile(c) - c if pad_rows else 0
         if pad:  # keep MLX CUDA's qmm row tiles full (see _row_tile)
             xe = mx.concatenate([xe, mx.zeros((pad, D), xe.dtype)])
-        h = nn.silu(_qmm(xe, gate_proj, e)) * _qmm(xe, up_proj, e)  # [rows + pad, I]
-        y = _qmm(h, down_proj, e)  # [rows + pad, D]
-        outs.append(y if y.shape[0] == keep else y[:keep])
-    y = mx.concatenate(outs)[back]  # [P, D], back in (token, k) order
+        h = nn.silu(_qmm(xe, gate_proj, e)) * _qmm(xe, up_proj, e)  # [c + pad, I]
+        outs.append(_qmm(h, down_proj, e)[:c])  # [c, D]
+        start += c
+    y = mx.concatenate(outs)[mx.argsort(order)]  # [P, D], back in (token, k) order
     # Weighted sum in float32 (as the reference path does), back to the input type.
     w = scores.reshape(-1, K, 1).astype(mx.float32)
     return (y.reshape(-1, K, D) * w).sum(axis=1).astype(x.dtype).reshape(*lead, D)
-
-
-def _gpu_rows(x, flat, K, E, pad_rows):
-    """Pairs sorted and counted on the GPU (one host sync for the counts): x's rows grouped
-    by expert, the touched experts' (e, start, rows, rows kept) and the inverse order."""
-    # x: [N, D], flat: [P] -> xs [P, D], segments, back [P]
-    order = mx.argsort(flat)  # [P], pairs grouped by expert
-    counts = (flat[:, None] == mx.arange(E)[None]).sum(axis=0).tolist()  # host sync, [E]
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-    segments = [(e, starts[e], c, c) for e, c in enumerate(counts) if c]
-    return x[order // K], segments, mx.argsort(order)
-
-
-def _host_rows(x, flat, K, E, pad_rows):
-    """The pairs' expert ids read back (the host sync), the layout made with numpy: x's rows
-    grouped by expert, each expert's block padded to a row tile with zero rows when
-    pad_rows, so one gather makes it; the touched experts' (e, start, rows, rows kept: all)
-    and every pair's row in the layout."""
-    # x: [N, D], flat: [P] -> xs [R, D] (R >= P), segments, back [P]
-    ids = np.array(flat).astype(np.int64)  # host sync, [P]
-    order = np.argsort(ids, kind="stable")  # pairs grouped by expert
-    counts = np.bincount(ids, minlength=E)
-    rows = np.array([_row_tile(c) if pad_rows and c else c for c in counts.tolist()])
-    starts = np.concatenate([[0], np.cumsum(rows)])
-    firsts = np.concatenate([[0], np.cumsum(counts)])  # each expert's first sorted pair
-    grouped = ids[order]
-    slot = starts[grouped] + np.arange(ids.size) - firsts[grouped]  # layout row of each sorted pair
-    src = np.full(int(starts[-1]), x.shape[0], np.int32)  # x.shape[0]: the zero row
-    src[slot] = order // K
-    back = np.empty(ids.size, np.int32)
-    back[order] = slot
-    if rows.sum() > ids.size:
-        x = mx.concatenate([x, mx.zeros((1, x.shape[-1]), x.dtype)])
-    segments = [(e, int(starts[e]), int(r), int(r)) for e, r in enumerate(rows.tolist()) if r]
-    return x[mx.array(src)], segments, mx.array(back)
 
 
 def _row_tile(m: int) -> int:

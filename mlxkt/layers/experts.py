@@ -25,8 +25,6 @@ class RoutedExperts(nn.Module):
     # None: segmented prefill when use_segments says so; False: never (a plain attribute, not
     # a parameter; mlxkt.bench's "no-segments" variant sets it on one engine only).
     segments: Optional[bool] = None
-    # False: the segmented prefill sorts and pads on the GPU ("segments-gpu-layout").
-    host_layout: bool = True
     # False: the shared expert never rides in the kernels' launches ("no-fused-shared").
     fuse_shared: bool = True
     # Launch keys for the fused kernels (moe.launch_config), e.g. from a bench variant.
@@ -46,8 +44,7 @@ class RoutedExperts(nn.Module):
         # x: [..., D], inds/scores: [..., K], residual: [..., D] -> [..., D]
         projs = (self.gate_proj, self.up_proj, self.down_proj)
         if self.segments is not False and use_segments(x, inds, *projs):
-            # None inside mx.compile
-            y = segmented_experts(x, inds, scores, *projs, host_layout=self.host_layout)
+            y = segmented_experts(x, inds, scores, *projs)  # None inside mx.compile
             if y is not None:
                 y = y if shared is None else y + shared(x)
                 return y if residual is None else residual + y
