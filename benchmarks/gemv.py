@@ -2,7 +2,9 @@
 matmul (`qmv`), at DeepSeek-V3's shapes. Eval-only µs per call (graphs built first), GB/s of
 weights + scales + biases read, and that as a fraction of MLX's copy bandwidth (bytes read +
 written) measured in the same process. Each timing rotates over enough copies of the layer
-(> 200 MB) that the weights do not sit in the GPU's L2 cache. Needs a Metal or CUDA GPU.
+(> 200 MB) that the weights do not sit in the GPU's L2 cache. On CUDA with torch, also the
+kernels' own GPU µs per call (CUPTI), which leave MLX's host launch cost out. Needs a Metal
+or CUDA GPU.
 
     python benchmarks/gemv.py [--tokens 1,2] [--configs "wp=2;nw=8,rpw=2"] [--json out.json]
 """
@@ -20,6 +22,9 @@ from mlxkt.kernels import qgemv  # noqa: E402
 from mlxkt.kernels.dispatch import gpu_backend, probe_tolerance  # noqa: E402
 from mlxkt.kernels.probe import relative_error  # noqa: E402
 from mlxkt.kernels.selftest import median_time  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_profile import gpu_us  # noqa: E402
 
 SHAPES = {  # name: (out, in), DeepSeek-V3
     "q_a_proj": (1536, 7168), "kv_a_proj": (576, 7168), "q_b_proj": (24576, 1536),
@@ -94,10 +99,11 @@ def main():
         for N in map(int, a.tokens.split(",")):
             x = mx.random.normal((N, D)).astype(mx.bfloat16)
             ins = [(m,) for m in layers]
-            t_ref = median_time(lambda m: qgemv.reference(x, m), ins, iters=len(ins) * 2,
-                                prebuilt=True)
+            ref = lambda m: qgemv.reference(x, m)  # noqa: E731
+            t_ref = median_time(ref, ins, iters=len(ins) * 2, prebuilt=True)
             row = {"shape": name, "out": O, "in": D, "tokens": N, "mb": nbytes / 1e6,
                    "mlx_us": t_ref * 1e6, "mlx_copy_frac": nbytes / t_ref / copy,
+                   "mlx_gpu_us": gpu_us(ref, ins, len(ins) * 4),
                    "mlx_host": host_us(lambda m: qgemv.reference(x, m), ins * 4),
                    "kernel_host": host_us(lambda m: qgemv.quantized_gemv(x, m, backend), ins * 4)}
             for cfg in parse_configs(a.configs):
@@ -105,20 +111,24 @@ def main():
                 try:
                     y = qgemv.quantized_gemv(x, first, backend, **cfg)
                     err = relative_error(y, qgemv.reference(x.astype(mx.float32), qgemv._float32_copy(first)))
-                    t = median_time(lambda m: qgemv.quantized_gemv(x, m, backend, **cfg), ins,
-                                    iters=len(ins) * 2, prebuilt=True)
+                    fn = lambda m, c=cfg: qgemv.quantized_gemv(x, m, backend, **c)  # noqa: E731
+                    t = median_time(fn, ins, iters=len(ins) * 2, prebuilt=True)
+                    g_us = gpu_us(fn, ins, len(ins) * 4)
                 except Exception as e:  # a config that does not build
                     row[key] = {"error": f"{type(e).__name__}: {e}"[:200]}
                     continue
                 row[key] = {"us": t * 1e6, "copy_frac": nbytes / t / copy, "speedup": t_ref / t,
                             "rel_error": err, "ok": err < probe_tolerance(mx.bfloat16),
+                            "gpu_us": g_us, "gpu_copy_frac": g_us and nbytes / (g_us * 1e-6) / copy,
                             "config": qgemv.launch_config(O, D, 4, 64, N, **cfg)}
             rows.append(row)
             best = min((v for k, v in row.items() if isinstance(v, dict) and "us" in v),
                        key=lambda v: v["us"], default=None)
+            g = lambda v: "" if v is None else f", GPU {v:.1f}"  # noqa: E731
             print(f"{name:12s} {O:6d}x{D:<5d} N={N} {nbytes / 1e6:7.1f} MB  mlx {t_ref * 1e6:7.1f} us "
-                  f"({row['mlx_copy_frac']:.0%})  " + "  ".join(
-                      f"{k}: {v['us']:.1f} us ({v['copy_frac']:.0%}, {v['speedup']:.2f}x{'' if v['ok'] else ' BAD'})"
+                  f"({row['mlx_copy_frac']:.0%}{g(row['mlx_gpu_us'])})  " + "  ".join(
+                      f"{k}: {v['us']:.1f} us ({v['copy_frac']:.0%}, {v['speedup']:.2f}x"
+                      f"{g(v['gpu_us'])}{'' if v['ok'] else ' BAD'})"
                       for k, v in row.items() if isinstance(v, dict) and "us" in v)
                   + (f"  best {best['config']}" if best else ""))
             print(f"{'':12s} host µs per call, build / async_eval: mlx {row['mlx_host']['build_us']:.1f} / "

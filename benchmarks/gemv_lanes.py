@@ -23,30 +23,11 @@ from mlxkt.kernels.dispatch import probe_tolerance  # noqa: E402
 from mlxkt.kernels.probe import relative_error  # noqa: E402
 from mlxkt.kernels.selftest import median_time  # noqa: E402
 from gemv import parse_configs, setup  # noqa: E402
+from gpu_profile import gpu_us  # noqa: E402
 
 SHAPES = {  # name: (heads or 0 for one matrix, out per head, in)
     "embed_q": (128, 512, 128), "unembed_out": (128, 128, 512), "q_b_proj": (0, 24576, 1536),
 }
-
-
-def gpu_us(fn, ins, iters):
-    """GPU µs per call: kernel durations summed (CUPTI through torch.profiler), or None."""
-    try:
-        from torch.profiler import ProfilerActivity, profile
-    except ImportError:
-        return None
-    import tempfile
-
-    from gpu_profile import kernel_events
-
-    outs = [fn(*ins[i % len(ins)]) for i in range(iters)]
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        mx.eval(outs)
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "trace.json"
-        prof.export_chrome_trace(str(f))
-        spans = kernel_events(f)
-    return sum(e - s for s, e, _ in spans) / iters if spans else None
 
 
 def main():

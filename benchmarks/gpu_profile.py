@@ -36,6 +36,22 @@ def kernel_events(trace_file: Path) -> list:
     return sorted(out)
 
 
+def gpu_us(fn, ins, iters):
+    """GPU µs per call: kernel durations summed (CUPTI through torch.profiler), or None."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None
+    outs = [fn(*ins[i % len(ins)]) for i in range(iters)]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        mx.eval(outs)
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(f))
+        spans = kernel_events(f)
+    return sum(e - s for s, e, _ in spans) / iters if spans else None
+
+
 def busy_us(spans) -> float:
     """Length of the union of [start, end) intervals (sorted by start)."""
     total, end = 0.0, -1e30

@@ -32,6 +32,7 @@ def float32_reference(x, layer):
     (33, 2048, 2, 4, 128, {"nw": 2, "rpw": 3}),
     (5, 4096, 1, 4, 64, {"wp": 1, "sa": 2}),          # one-word pieces, two load stages
     (6, 4096, 2, 4, 64, {"wp": 2, "nw": 3}),
+    (20, 1536, 2, 4, 64, {}),                         # short rows: 3 warps of 8-byte pieces
 ])
 def test_emulated_kernel_matches_reference(O, D, N, bits, gs, cfg):
     layer = qgemv.random_linear(O, D, bits, gs, mx.float32, seed=N)
@@ -68,6 +69,7 @@ def random_norm(D, dtype, seed=0, eps=1e-6):
     (9, 512, 2, mx.bfloat16, mx.bfloat16, True, True, {}),           # raw 16-bit x and g
     (7, 512, 8, mx.float16, mx.float32, False, True, {}),
     (33, 2048, 2, mx.float32, mx.float16, True, False, {"nw": 3, "rpw": 3}),
+    (27, 1536, 1, mx.bfloat16, mx.bfloat16, True, False, {}),        # q_b_proj's launch
 ])
 def test_emulated_kernel_folds_norm_and_residual(O, D, N, dtype, gdtype, norm_on, res_on, cfg):
     """y = W rms_norm(x, g) + res in one launch, against the same steps in MLX ops."""
@@ -150,7 +152,8 @@ def test_selftest_rows_on_the_emulation():
 def test_launch_config_limits():
     assert qgemv.launch_config(7168, 16384, 4, 64) == {"nw": 8, "rpw": 8, "wp": 4, "sa": 1}
     # short rows (q_b_proj: 48 pieces): 2 warps x 4 rows per block
-    assert qgemv.launch_config(24576, 1536, 4, 64) == {"nw": 2, "rpw": 4, "wp": 4, "sa": 1}
+    assert qgemv.launch_config(24576, 1536, 4, 64) == {"nw": 3, "rpw": 8, "wp": 2, "sa": 1}
+    assert qgemv.launch_config(24576, 1536, 4, 64, wp=4) == {"nw": 2, "rpw": 4, "wp": 4, "sa": 1}
     assert qgemv.launch_config(7168, 2048, 4, 64, tokens=8)["rpw"] == 4  # 8 x 4 <= 32 threads
     with pytest.raises(ValueError):
         qgemv.launch_config(64, 512, 4, 64, wp=4, tokens=8, nw=1, rpw=8)

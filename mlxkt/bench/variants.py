@@ -59,6 +59,9 @@ files; what pays off moves into the engine.
                  kv_a_proj_with_mqa, and gate_proj with up_proj in the shared experts and
                  dense MLPs (rows concatenated, output split), so a decode step launches two
                  kernels fewer per layer. Holds a second copy of those weights.
+- no-buffer-attention / buffer-attention: a compiled one-token decode step's cache write
+                 and attention eager over exactly the valid keys / compiled over the cache's
+                 whole buffer (layers/cache_buffer.py; the default on CUDA since 2026-11-27).
 - prefill-N:     prompts prefilled in chunks of N tokens (512, 1024, 2048 or 4096) instead
                  of the engine's own choice (generate.prefill_step).
 """
@@ -97,6 +100,7 @@ def _mla_gemm(attn, q, q_pe, k, v, k_pe, mask=None):
 def _gemm_attention(engine: Engine):
     for layer in engine.model.model.layers:
         layer.self_attn.attend = partial(_mla_gemm, layer.self_attn)
+        layer.self_attn.buffer_attention = False  # which would not call attend
 
 
 def _no_segments(engine: Engine):
@@ -217,6 +221,8 @@ VARIANTS = {
     "lanes-rows": _attention_switch("lanes", True, KernelQuantizedLinear),
     "sdpa-prefill": _attention_switch("explicit_prefill", False),
     "pad-keys": _attention_switch("pad_keys", True),
+    "no-buffer-attention": _attention_switch("buffer_attention", False),
+    "buffer-attention": _attention_switch("buffer_attention", True),
     **{f"prefill-{n}": _prefill_step(n) for n in (512, 1024, 2048, 4096)},
 }
 

@@ -60,10 +60,17 @@ def launch_config(O, D, bits, gs, tokens=1, nw=None, rpw=None, wp=None, sa=None)
     """Warps per block (they split each row's pieces), rows per block, words per piece (one
     load of 4, 8 or 16 bytes), pieces per thread per load stage. Defaults: the H200's
     fastest of benchmarks/gemv.py (see metal/README.md)."""
+    given_wp = wp
     wp, pieces = row_pieces(D, bits, gs, wp)
-    short = pieces < 64 and nw is None and rpw is None  # q_b_proj: 2 x 4 beat 1 x 8 by 10%
+    short = pieces < 64 and nw is None and rpw is None
+    rows = 4 if short else 8  # short rows: 2 warps x 4 rows (q_b_proj: 10% over 1 x 8) ...
+    if short and given_wp is None:  # ... or smaller pieces, one per thread of whole warps
+        fit = [w for w in (wp, wp // 2) if w and (D // (32 // bits * w)) % 32 == 0]
+        if fit:  # q_b_proj at 4 bits: 3 warps of 8-byte pieces, 8 rows: 11.8 against 13.9 µs
+            wp, pieces = row_pieces(D, bits, gs, fit[0])
+            nw, rows = min(4, pieces // 32), 8
     nw = nw or (2 if short else max(1, min(8, round(pieces / 64))))
-    rpw = rpw or min(4 if short else 8, nw * 32 // tokens)
+    rpw = rpw or min(rows, nw * 32 // tokens)
     if rpw * tokens > nw * 32:
         raise ValueError("rows per block x tokens must not exceed the block's threads")
     ppt = math.ceil(pieces / (nw * 32))

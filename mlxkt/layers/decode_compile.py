@@ -8,9 +8,11 @@ their elementwise ops and traces them once per shape):
   post: latent -> heads -> o_proj, residual, post-attention norm, MoE or MLP, residual.
 The RMSNorms before the q/kv projections and both residual adds ride in the GEMV and expert
 kernels' launches (norm_linear, RoutedExperts' residual): four kernels fewer per layer.
-The cache update and attention over the cache stay eager, since their shapes grow; the MLA
-decode kernels (kernels/mla_decode.py) read the whole cache buffer, so their call is
-compiled too, traced once per buffer size.
+Between them, a one-token step writes the cache and attends over the cache's whole buffer
+in a third compiled piece, traced once per buffer size (layers/cache_buffer.py; on CUDA);
+otherwise the cache update and attention stay eager, since their shapes grow. The MLA
+decode kernels (kernels/mla_decode.py) read the whole cache buffer too, so their call is
+compiled, traced once per buffer size.
 On by default on NVIDIA GPUs: on an H100 it made decode 1.37-1.42x faster (8-layer
 real-width slice, `mlxkt bench --variants eager`). Off on the CPU, where it gave only
 1.02-1.08x, and on Apple GPUs until it is measured there. MLXKT_COMPILE=1/0 (or
@@ -24,7 +26,8 @@ import mlx.core as mx
 from ..device import env_switch
 from ..kernels.dispatch import gpu_backend
 from ..loader_utils import eval_constants
-from .mla import ABSORB_MAX_L
+from . import cache_buffer
+from .mla import ABSORB_MAX_L, decode_kernel_backend
 from .moe import MLP, DeepseekMoE
 
 ENV = "MLXKT_COMPILE"
@@ -54,12 +57,13 @@ class StepArrays:
         self.arrays = {}
         self.device_copy = device_copy
 
-    def get(self, offset: int, key, make):
+    def get(self, offset: int, key, make, copy: bool = True):
+        """make() once per step; copy=False for arrays a GPU op makes (no host pages)."""
         if offset != self.offset:  # a new step (or the MTP layer's own position)
             self.offset, self.arrays = offset, {}
         if key not in self.arrays:
             arr = make()
-            self.arrays[key] = arr + 0 if self.device_copy else arr
+            self.arrays[key] = arr + 0 if self.device_copy and copy else arr
         return self.arrays[key]
 
 
@@ -95,6 +99,9 @@ class CompiledDecode:
         self.post = mx.compile(post)
         # Traced once per cache buffer size (the valid length rides in `meta`).
         self.kernel_attend = {}
+        # (buffer rows, compiled cache_buffer.write_and_attend): only the current size's
+        # traces are kept.
+        self.buffered = (None, None)
 
     def __call__(self, x, mask, cache):
         """The layer's output, or None when this call is not a primed decode-sized step."""
@@ -110,6 +117,8 @@ class CompiledDecode:
         # Shape (1,): what the MLA prologue kernel reads (a scalar would need a reshape node).
         pos = self.steps.get(n, "offset", lambda: mx.array([n], dtype=mx.int32))
         q_lat, q_pe, latent, k_pe = self.pre(x, pos)
+        if self.buffer_step(cache, mask, L):
+            return self.post(self.attend_buffer(q_lat, q_pe, latent, k_pe, cache, pos), x)
         latent, k_pe = cache.update_and_fetch(latent, k_pe)  # [B, 1, S, *]
         use = self.attn.decode_kernel(q_lat, q_pe, cache, mask,
                                       lambda key, make: self.steps.get(n, key, make))
@@ -121,6 +130,30 @@ class CompiledDecode:
                 lambda q, qpe, kv, kpe, m: self.attn.kernel_attend(q, qpe, kv, kpe, m, backend))
         out = self.kernel_attend[backend](q_lat, q_pe, cache.keys, cache.values, meta)
         return self.post(out, x)
+
+    def buffer_step(self, cache, mask, L) -> bool:
+        """Whether this step attends over the cache buffer (cache_buffer.py): one token into
+        a plain KVCache, unless the MLA decode kernels take it."""
+        attn = self.attn
+        return (cache_buffer.applies(cache, mask, L) and cache_buffer.enabled(attn.buffer_attention)
+                and decode_kernel_backend(attn.mla_kernel, cache.offset + L) is None)
+
+    def attend_buffer(self, q_lat, q_pe, latent, k_pe, cache, pos):
+        """The new entries written at pos, attention over the whole buffer: [B, H, 1, r]."""
+        n = cache.offset
+        cache_buffer.reserve(cache, latent, k_pe)
+        rows = cache.keys.shape[2]
+        if self.buffered[0] != rows:  # a new size: a new trace, the old one dropped
+            scale = self.attn.scale
+            self.buffered = (rows, mx.compile(
+                lambda *a: cache_buffer.write_and_attend(*a, scale=scale)))
+        H = q_pe.shape[1]
+        bias = self.steps.get(n, ("bias", rows, H),
+                              lambda: cache_buffer.key_bias(rows, H, q_pe.dtype)(pos), copy=False)
+        out, cache.keys, cache.values = self.buffered[1](
+            q_lat, q_pe, latent, k_pe, cache.keys, cache.values, pos, bias)
+        cache.offset += latent.shape[2]
+        return out
 
 
 def set_compiled_decode(model, on: bool = True) -> None:

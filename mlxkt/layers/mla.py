@@ -92,6 +92,9 @@ class MLAttention(nn.Module):
     pad_keys: Optional[bool] = None
     # None: mla_scores decides (CUDA); False/True: decode scores by SDPA / by one addmm.
     addmm_scores: Optional[bool] = None
+    # None: cache_buffer.enabled decides (CUDA); False/True: a compiled one-token decode step
+    # attends over exactly the valid keys (eager) / over the cache's whole buffer (compiled).
+    buffer_attention: Optional[bool] = None
     # None (or True, the same): explicit_attention() decides for prefill chunks too, up to
     # EXPLICIT_MAX_SCORES; False: prefill chunks (more than ABSORB_MAX_L rows) always through
     # MLX's fused SDPA (the bench variant sdpa-prefill).
