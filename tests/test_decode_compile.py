@@ -140,9 +140,13 @@ def test_layers_share_one_position_array_per_step():
     steps_obj = model.layers[0].compiled_decode.steps
     made = []
     real = steps_obj.get
-    steps_obj.get = lambda n, key, make: real(n, key, lambda: made.append((n, key)) or make())
+    steps_obj.get = lambda n, key, make, **kw: real(n, key, lambda: made.append((n, key)) or make(), **kw)
     steps(model, [[3], [9], [4], [12]])  # the first 1-token step primes (eager)
-    assert made == [(10, "offset"), (11, "offset"), (12, "offset")]  # one per step, not per layer
+    # one per step, not per layer; on CUDA each step also makes its key bias once
+    # (layers/cache_buffer.py)
+    assert [m for m in made if m[1] == "offset"] == [(10, "offset"), (11, "offset"), (12, "offset")]
+    biases = [n for n, key in made if key != "offset"]
+    assert biases in ([], [10, 11, 12])
 
 
 def test_decode_pieces_add_no_view_nodes_around_their_matmuls():
