@@ -70,17 +70,18 @@ def steps(model, prompt_len: int, n: int):
     return out, cache
 
 
-def test_compiled_buffer_steps_equal_eager_across_a_buffer_growth(cpu_device, monkeypatch):
+@pytest.mark.parametrize("static", [False, True], ids=["array-position", "static-write"])
+def test_compiled_buffer_steps_equal_eager_across_a_buffer_growth(cpu_device, monkeypatch, static):
     model = random_model(DEMO_CONFIG)
     eager, eager_cache = steps(model, 250, 10)  # the buffers grow at 256 entries
     set_compiled_decode(model)
     for m in model.modules():
         if isinstance(m, MLAttention):
-            m.buffer_attention = True
+            m.buffer_attention, m.static_cache_write = True, static
     calls = []
-    real = cache_buffer.write_and_attend
-    monkeypatch.setattr(cache_buffer, "write_and_attend",
-                        lambda *a, **kw: calls.append(a[4].shape[2]) or real(*a, **kw))
+    real = cache_buffer.attend_buffer
+    monkeypatch.setattr(cache_buffer, "attend_buffer",
+                        lambda *a, **kw: calls.append(a[2].shape[2]) or real(*a, **kw))
     buffered, cache = steps(model, 250, 10)
     layers = len(model.layers)
     # traced once per buffer size and layer: 256 rows, then 512 (the first step primes)
@@ -130,7 +131,23 @@ def test_buffer_steps_on_the_gpu_agree_with_the_valid_keys_path():
     set_buffer(model, True)
     got, cache = steps(model, 250, 10)
     assert cache[0].keys.shape[2] == 512
-    assert model.layers[0].compiled_decode.buffered[0] == 512  # the buffer path ran
+    assert model.layers[0].compiled_decode.buffered[0] == (512, False)  # the buffer path ran
     for a, b in zip(ref, got):
         assert mx.allclose(a, b, atol=1e-3, rtol=1e-3).item()
         assert mx.array_equal(a.argmax(-1), b.argmax(-1)).item()
+
+
+def test_the_attention_adds_no_broadcast_nodes():
+    """mx.addmm broadcasts a bias of another shape than its output (a Broadcast node, and a
+    copy kernel per layer on CUDA): key_bias makes it at the score rows' shape."""
+    from mlxkt.bench import measure
+
+    H, r, P, rows = 4, 16, 8, 256
+    pos = mx.array([7], mx.int32)
+    arrays = [mx.zeros(s) for s in [(1, H, 1, r), (1, H, 1, P), (1, 1, 1, r), (1, 1, 1, P),
+                                    (1, 1, rows, r), (1, 1, rows, P)]]
+    bias = cache_buffer.key_bias(rows, H, mx.float32)(pos)
+    mx.eval(arrays, bias)
+    out, _, _ = cache_buffer.write_and_attend(*arrays, pos, bias, 0.5)
+    ops = measure.op_counts(measure.graph_ops(out))
+    assert "Broadcast" not in ops and ops["AddMM"] == 2

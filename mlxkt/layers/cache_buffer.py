@@ -65,15 +65,21 @@ def key_bias(rows: int, heads: int, dtype):
 
 
 def write_and_attend(q, q_pe, latent, k_pe, keys, values, pos, bias, scale: float):
-    """Write the new entries at pos and attend over the whole buffer:
-    softmax(scale q k^T + q_pe k_pe^T + bias) v, with k = v = the latent rows.
+    """Write the new entries at pos and attend over the whole buffer (attend_buffer).
     Returns (out, keys, values): the attention and the updated buffers."""
-    # q: [B, H, 1, r], q_pe: [B, H, 1, rope] (pre-scaled), latent / k_pe: [B, 1, 1, *],
-    # keys / values: [B, 1, SB, r] / [B, 1, SB, rope], pos: (1,), bias: [1, 1, H, SB]
+    # latent / k_pe: [B, 1, 1, *], pos: (1,)
     keys = mx.slice_update(keys, latent, pos, (2,))
     values = mx.slice_update(values, k_pe, pos, (2,))
+    return attend_buffer(q, q_pe, keys, values, bias, scale), keys, values
+
+
+def attend_buffer(q, q_pe, keys, values, bias, scale: float):
+    """softmax(scale q k^T + q_pe k_pe^T + bias) v over the buffer's rows, k = v = the
+    latent rows, k_pe = values."""
+    # q: [B, H, 1, r], q_pe: [B, H, 1, rope] (pre-scaled), keys / values: [B, 1, SB, r] /
+    # [B, 1, SB, rope], bias: [1, 1, H, SB] -> [B, H, 1, r]
     B, H, L, r = q.shape
     pe = mx.addmm(bias, q_pe.reshape(B, 1, H * L, -1), values.swapaxes(-1, -2))  # [B, 1, H, SB]
     scores = mx.addmm(pe, q.reshape(B, 1, H * L, r), keys.swapaxes(-1, -2), alpha=scale)
     out = mx.softmax(scores, axis=-1, precise=True) @ keys  # [B, 1, H, r]
-    return out.reshape(B, H, L, r), keys, values
+    return out.reshape(B, H, L, r)

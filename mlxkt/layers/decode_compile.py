@@ -99,8 +99,8 @@ class CompiledDecode:
         self.post = mx.compile(post)
         # Traced once per cache buffer size (the valid length rides in `meta`).
         self.kernel_attend = {}
-        # (buffer rows, compiled cache_buffer.write_and_attend): only the current size's
-        # traces are kept.
+        # ((buffer rows, static write), its compiled piece of cache_buffer): only the current
+        # size's traces are kept.
         self.buffered = (None, None)
 
     def __call__(self, x, mask, cache):
@@ -140,19 +140,24 @@ class CompiledDecode:
 
     def attend_buffer(self, q_lat, q_pe, latent, k_pe, cache, pos):
         """The new entries written at pos, attention over the whole buffer: [B, H, 1, r]."""
-        n = cache.offset
+        n, L = cache.offset, latent.shape[2]
         cache_buffer.reserve(cache, latent, k_pe)
-        rows = cache.keys.shape[2]
-        if self.buffered[0] != rows:  # a new size: a new trace, the old one dropped
+        rows, static = cache.keys.shape[2], self.attn.static_cache_write
+        if self.buffered[0] != (rows, static):  # a new size: a new trace, the old one dropped
             scale = self.attn.scale
-            self.buffered = (rows, mx.compile(
-                lambda *a: cache_buffer.write_and_attend(*a, scale=scale)))
+            piece = cache_buffer.attend_buffer if static else cache_buffer.write_and_attend
+            self.buffered = ((rows, static), mx.compile(lambda *a: piece(*a, scale=scale)))
         H = q_pe.shape[1]
         bias = self.steps.get(n, ("bias", rows, H),
                               lambda: cache_buffer.key_bias(rows, H, q_pe.dtype)(pos), copy=False)
-        out, cache.keys, cache.values = self.buffered[1](
-            q_lat, q_pe, latent, k_pe, cache.keys, cache.values, pos, bias)
-        cache.offset += latent.shape[2]
+        if static:  # eager writes at a known offset (SliceUpdate), only the attention compiled
+            cache.keys[..., n:n + L, :] = latent
+            cache.values[..., n:n + L, :] = k_pe
+            out = self.buffered[1](q_lat, q_pe, cache.keys, cache.values, bias)
+        else:
+            out, cache.keys, cache.values = self.buffered[1](
+                q_lat, q_pe, latent, k_pe, cache.keys, cache.values, pos, bias)
+        cache.offset += L
         return out
 
 

@@ -95,6 +95,10 @@ class MLAttention(nn.Module):
     # None: cache_buffer.enabled decides (CUDA); False/True: a compiled one-token decode step
     # attends over exactly the valid keys (eager) / over the cache's whole buffer (compiled).
     buffer_attention: Optional[bool] = None
+    # True: that step writes the cache eagerly (SliceUpdates at the known offset) and compiles
+    # only the attention, instead of writing at an array position inside the compiled piece
+    # (the bench variant buffer-static-write; not yet measured on a GPU).
+    static_cache_write: bool = False
     # None (or True, the same): explicit_attention() decides for prefill chunks too, up to
     # EXPLICIT_MAX_SCORES; False: prefill chunks (more than ABSORB_MAX_L rows) always through
     # MLX's fused SDPA (the bench variant sdpa-prefill).
