@@ -38,8 +38,9 @@ def applies(cache, mask, L: int) -> bool:
 
 def reserve(cache: KVCache, like_keys: mx.array, like_values: mx.array) -> None:
     """Make room in cache's buffers for the L entries shaped like like_keys / like_values
-    ([B, 1, L, *]), growing them to a multiple of cache.step rows as KVCache would (its
-    entries kept, zeros after them); nothing is written."""
+    ([B, 1, L, *]): grown with zeros to a multiple of cache.step rows (KVCache grows in
+    steps too, but from an unaligned offset after a trim), its entries kept; nothing is
+    written."""
     B, n, L, _ = like_keys.shape
     need = cache.offset + L
     if cache.keys is not None and need <= cache.keys.shape[2]:
