@@ -151,7 +151,8 @@ def test_selftest_rows_on_the_emulation():
 
 def test_launch_config_limits():
     assert qgemv.launch_config(7168, 16384, 4, 64) == {"nw": 8, "rpw": 8, "wp": 4, "sa": 1}
-    # short rows (q_b_proj: 48 pieces): 2 warps x 4 rows per block
+    # short rows (q_b_proj: 48 16-byte pieces): 3 warps of 8-byte pieces, 8 rows per block;
+    # with the piece size given, 2 warps x 4 rows
     assert qgemv.launch_config(24576, 1536, 4, 64) == {"nw": 3, "rpw": 8, "wp": 2, "sa": 1}
     assert qgemv.launch_config(24576, 1536, 4, 64, wp=4) == {"nw": 2, "rpw": 4, "wp": 4, "sa": 1}
     assert qgemv.launch_config(7168, 2048, 4, 64, tokens=8)["rpw"] == 4  # 8 x 4 <= 32 threads
