@@ -62,9 +62,10 @@ files; what pays off moves into the engine.
 - no-buffer-attention / buffer-attention: a compiled one-token decode step's cache write
                  and attention eager over exactly the valid keys / compiled over the cache's
                  whole buffer (layers/cache_buffer.py; the default on CUDA since 2026-11-27).
-- buffer-static-write: that step's cache writes eager at the known offset (SliceUpdate) and
-                 only the attention compiled: on an H200 the array-position writes
-                 (DynamicSliceUpdate) took 13 µs each in the profile against 1.4 µs.
+- buffer-dynamic-write / buffer-static-write: that step's cache writes inside the compiled
+                 piece at an array position (DynamicSliceUpdate, a copy of the buffer) / eager
+                 at the known offset, in place, with only the attention compiled (the
+                 default since 2026-11-27's twelfth session: 13 µs a write against 2 on an H200).
 - prefill-N:     prompts prefilled in chunks of N tokens (512, 1024, 2048 or 4096) instead
                  of the engine's own choice (generate.prefill_step).
 """
@@ -227,6 +228,7 @@ VARIANTS = {
     "no-buffer-attention": _attention_switch("buffer_attention", False),
     "buffer-attention": _attention_switch("buffer_attention", True),
     "buffer-static-write": _attention_switch("static_cache_write", True),
+    "buffer-dynamic-write": _attention_switch("static_cache_write", False),
     **{f"prefill-{n}": _prefill_step(n) for n in (512, 1024, 2048, 4096)},
 }
 

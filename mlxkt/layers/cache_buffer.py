@@ -6,10 +6,13 @@ rows: their shapes change every step, so that part of a decode step stayed eager
 a dozen graph nodes per layer that the host built in Python each step (27 µs a layer on
 this project's CPU machine against 5 µs for the same ops replayed by mx.compile).
 
-Here the compiled step writes the new entries at a position held in an array
-(mx.slice_update) and attends over the buffer's rows, with the rows past the position
-masked by an additive bias that the step makes once for all its layers. Shapes change only
-when the buffer grows, so each layer's piece is traced once per buffer size. The buffer's
+Here the step writes the new entries into the buffer in place at the known offset (two
+eager SliceUpdates) and a compiled piece attends over the buffer's rows, with the rows
+past the position masked by an additive bias that the step makes once for all its layers.
+Shapes change only when the buffer grows, so each layer's piece is traced once per buffer
+size. (write_and_attend, the write inside the compiled piece at a position held in an
+array, copies the buffer, since a compiled function's inputs are not donated: on an H200
+13 µs a write at 1K keys against 2 µs in place.) The buffer's
 row count is a multiple of 256, which also keeps cuBLAS on its aligned kernels
 (layers/key_padding.py).
 """
