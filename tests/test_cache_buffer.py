@@ -113,25 +113,26 @@ def test_switch(monkeypatch, value, want):
     assert cache_buffer.enabled(not want) is (not want)
 
 
-def set_buffer(model, on: bool):
+def set_buffer(model, on: bool, static: bool = True):
     for m in model.modules():
         if isinstance(m, MLAttention):
-            m.buffer_attention = on
+            m.buffer_attention, m.static_cache_write = on, static
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(mx.default_device().type != mx.DeviceType.gpu, reason="needs a GPU")
-def test_buffer_steps_on_the_gpu_agree_with_the_valid_keys_path():
+@pytest.mark.parametrize("static", [False, True], ids=["array-position", "static-write"])
+def test_buffer_steps_on_the_gpu_agree_with_the_valid_keys_path(static):
     """With the GPU kernels (GEMV, MLA prologue, experts) in the compiled step, as decode
     runs on CUDA by default; float32 matmuls there round like TF32, hence the tolerance."""
     model = quantized_tiny()
     set_compiled_decode(model)
     set_buffer(model, False)
     ref, _ = steps(model, 250, 10)
-    set_buffer(model, True)
+    set_buffer(model, True, static)
     got, cache = steps(model, 250, 10)
     assert cache[0].keys.shape[2] == 512
-    assert model.layers[0].compiled_decode.buffered[0] == (512, False)  # the buffer path ran
+    assert model.layers[0].compiled_decode.buffered[0] == (512, static)  # the buffer path ran
     for a, b in zip(ref, got):
         assert mx.allclose(a, b, atol=1e-3, rtol=1e-3).item()
         assert mx.array_equal(a.argmax(-1), b.argmax(-1)).item()
