@@ -176,7 +176,7 @@ def test_optimize_wraps_per_head_linears_and_plain_linears_undoes_it(monkeypatch
 
     from mlxkt.inject import optimize, plain_linears
     from mlxkt.kernels import dispatch
-    from mlxkt.layers.qlinear import KernelQuantizedMultiLinear
+    from mlxkt.layers.qlinear import KernelQuantizedMultiLinear, heads_linear
 
     monkeypatch.delenv(dispatch.ENV, raising=False)
     monkeypatch.setattr(dispatch, "gpu_backend", lambda: "cpu")
@@ -195,10 +195,16 @@ def test_optimize_wraps_per_head_linears_and_plain_linears_undoes_it(monkeypatch
         y = layer(x)
         seen.clear()
         y = layer(x)
-        assert seen == [{"heads": True}]
+        assert seen == [{"heads": True, "shape": None}]
         assert mx.array_equal(layer(latent, transpose=False), want_t)  # not the kernel's case
+        # The heads as rows in, one row of all heads out: the kernel declares the shape.
+        rows = heads_linear(layer, x.reshape(1, 1, 4, 128), (1, 1, None))
+        assert seen[-1] == {"heads": True, "shape": (1, 1, 128)}
+        assert rows.shape == (1, 1, 128) and mx.array_equal(rows.reshape(y.shape), y).item()
         layer.lanes = False  # the bench variant no-lanes
-        assert mx.array_equal(layer(x), want) and len(seen) == 1
+        assert mx.array_equal(layer(x), want) and len(seen) == 2
+        rows = heads_linear(layer, x.reshape(1, 1, 4, 128), (1, 1, 4, None))  # by reshapes
+        assert rows.shape == (1, 1, 4, 32) and mx.array_equal(rows.reshape(want.shape), want)
     finally:
         dispatch.lanes_ready.cache_clear()
     assert relative_error(y, want) < 3e-5

@@ -141,25 +141,30 @@ def _lanes_linear(layer, x, backend, norm, residual):
     return y + layer.bias if "bias" in layer else y
 
 
-def multi_linear(layer, x, transpose=True):
+def multi_linear(layer, x, transpose=True, shape=None):
     """layer(x) for mlx-lm's QuantizedMultiLinear (weight [H, O, in], affine with biases):
     the lanes kernel, all heads in one launch, for one sequence's decode-sized x [H, L, in]
-    on a GPU; MLX's batched quantized matmul otherwise."""
+    on a GPU; MLX's batched quantized matmul otherwise. shape: the output's shape instead of
+    [H, L, O] (the same memory); x may then be any shape that holds [H, L, in] in order, and
+    the kernel makes no reshape node for either."""
     from mlx_lm.models.mla import QuantizedMultiLinear
 
     w = layer.weight
-    if (transpose and layer.lanes is not False and x.ndim == 3 and x.shape[0] == w.shape[0]
-            and x.shape[2] * layer.bits == w.shape[2] * 32 and x.shape[1] <= MAX_TOKENS
-            and kernels_enabled()
-            and (backend := gpu_backend()) is not None):
-        sig = (w.shape[0], w.shape[1], x.shape[2], x.shape[1], layer.bits, layer.group_size,
-               x.dtype, layer.scales.dtype, None, False)
+    H, D = w.shape[0], x.shape[-1]
+    L = x.size // (H * D)
+    if (transpose and layer.lanes is not False and D * layer.bits == w.shape[2] * 32
+            and (x.ndim == 3 and x.shape[0] == H or shape is not None and x.size == H * L * D)
+            and L <= MAX_TOKENS and kernels_enabled() and (backend := gpu_backend()) is not None):
+        sig = (H, w.shape[1], D, L, layer.bits, layer.group_size, x.dtype, layer.scales.dtype,
+               None, False)
         if lanes_ready(backend, sig):
             from .qgemv_lanes import lanes_gemv
 
             return lanes_gemv(x, w, layer.scales, layer.biases, layer.bits, layer.group_size,
-                              backend, heads=True)
-    return QuantizedMultiLinear.__call__(layer, x, transpose)
+                              backend, heads=True, shape=shape)
+    if shape is None:
+        return QuantizedMultiLinear.__call__(layer, x, transpose)
+    return QuantizedMultiLinear.__call__(layer, x.reshape(H, L, D), transpose).reshape(shape)
 
 
 @lru_cache(maxsize=None)

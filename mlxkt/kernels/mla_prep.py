@@ -77,7 +77,7 @@ def unsupported(q, kv, norm, H: int, nope: int, P: int) -> str:
 
 
 @lru_cache(maxsize=64)
-def launch(B, L, H, nope, P, R, dtype, traditional, scale, rope_scale, mscale, eps):
+def launch(B, L, H, nope, P, R, dtype, traditional, scale, rope_scale, mscale, eps, rows=False):
     return dict(
         template=[("H", H), ("NOPE", nope), ("P", P), ("R", R), ("L", L), ("NW", WARPS),
                   ("TRAD", int(traditional)), ("T", dtype), ("SCL", float_bits(scale)),
@@ -85,7 +85,8 @@ def launch(B, L, H, nope, P, R, dtype, traditional, scale, rope_scale, mscale, e
                   ("EPS", float_bits(eps))],
         grid=((H + 1) * WARPS * 32, B * L, 1),
         threadgroup=(WARPS * 32, 1, 1),
-        output_shapes=[(B, H, L, nope) if B > 1 else (H, L, nope), (B, H, L, P),
+        output_shapes=[(B, H, L, nope) if B > 1 else (H, L, nope),
+                       (B, 1, H * L, P) if rows else (B, H, L, P),
                        (B, 1, L, R), (B, 1, L, P)],
         output_dtypes=[dtype] * 4,
     )
@@ -98,15 +99,16 @@ def positions(offset) -> mx.array:
         mx.array([offset], dtype=mx.int32)
 
 
-def mla_prep(q, kv, norm, offset, rope: Rope, H, nope, P, scale, backend):
+def mla_prep(q, kv, norm, offset, rope: Rope, H, nope, P, scale, backend, rows=False):
     """(q_nope, scale * rope(q_pe), norm(latent), rope(k_pe)) of a decode step, one launch."""
     # q: [B, L, H*(nope+P)], kv: [B, L, R+P] -> q_nope [B, H, L, nope] ([H, L, nope] when B
-    # is 1: embed_q's per-head matmul then needs no broadcasts), q_pe [B, H, L, P],
+    # is 1: embed_q's per-head matmul then needs no broadcasts), q_pe [B, H, L, P] (rows:
+    # [B, 1, H * L, P], the buffer attention's layout, the same memory when L is 1),
     # latent [B, 1, L, R], k_pe [B, 1, L, P]
     B, L, _ = q.shape
     R = kv.shape[-1] - P
     kw = launch(B, L, H, nope, P, R, q.dtype, rope.traditional, scale, rope.scale, rope.mscale,
-                float(norm.eps))
+                float(norm.eps), rows)
     return tuple(kernel_fn(backend, PREP)(
         inputs=[q, kv, norm.weight, positions(offset), rope.inv], **kw))
 

@@ -72,9 +72,10 @@ def supported(D, bits, gs, rows, dtype, scale_dtype) -> bool:
 
 @lru_cache(maxsize=256)
 def launch(O, HO, D, N, bits, gs, dtype, scale_dtype, config=(), norm=None, res=False,
-           lead=None):
+           lead=None, shape=None):
     """O rows in all, HO per head; N tokens per head; norm: (g's dtype, epsilon) when x is
-    RMS-normalised inside the kernel; lead: the output's leading dims."""
+    RMS-normalised inside the kernel; lead: the output's leading dims; shape: the output's
+    whole shape instead (the same memory)."""
     cfg = launch_config(D, bits, gs, HO, N, **dict(config))
     nw, lpr, rpl = cfg["nw"], cfg["lpr"], cfg["rpl"]
     tk = TYPE_KIND[dtype]
@@ -87,27 +88,30 @@ def launch(O, HO, D, N, bits, gs, dtype, scale_dtype, config=(), norm=None, res=
                   ("GK", gk), ("EPS", eps), ("RES", int(res))],
         grid=(O // rpb * nw * 32, 1, 1),
         threadgroup=(nw * 32, 1, 1),
-        output_shapes=[(*((N,) if lead is None else lead), HO)],
+        output_shapes=[shape or (*((N,) if lead is None else lead), HO)],
         output_dtypes=[dtype],
     )
 
 
 def lanes_gemv(x, weight, scales, biases, bits, gs, backend, heads=False, norm=None,
-               residual=None, **config):
+               residual=None, shape=None, **config):
     """x @ W^T by the kernel, for at most 8 rows of x per matrix.
     heads=False: W [O, D*bits/32], x [..., D] -> [..., O]; norm (an nn.RMSNorm) and
     residual [..., O] folded in as in qgemv.quantized_gemv.
-    heads=True: W [H, O, D*bits/32] (one matrix per head), x [H, L, D] -> [H, L, O]."""
+    heads=True: W [H, O, D*bits/32] (one matrix per head), x [H, L, D] -> [H, L, O], or x of
+    any shape that holds [H, L, D] in order -> `shape` (kernels read flat rows and declare
+    their outputs' shapes, so no reshape node is made)."""
     D = x.shape[-1]
     if heads:
-        H, L = x.shape[0], x.shape[1]
+        H = weight.shape[0]
+        L = x.size // (H * D)
         O, HO, N, lead = H * weight.shape[1], weight.shape[1], L, (H, L)
     else:
         O = HO = weight.shape[0]
         N, lead = x.size // D, x.shape[:-1]
     kw = launch(O, HO, D, N, bits, gs, x.dtype, scales.dtype, tuple(sorted(config.items())),
                 None if norm is None else (norm.weight.dtype, norm.eps), residual is not None,
-                lead)
+                lead, shape)
     # x stands in for the arrays the kernel does not read.
     g = x if norm is None else norm.weight
     res = x if residual is None else residual.astype(x.dtype)

@@ -79,11 +79,10 @@ def write_and_attend(q, q_pe, latent, k_pe, keys, values, pos, bias, scale: floa
 
 def attend_buffer(q, q_pe, keys, values, bias, scale: float):
     """softmax(scale q k^T + q_pe k_pe^T + bias) v over the buffer's rows, k = v = the
-    latent rows, k_pe = values."""
-    # q: [B, H, 1, r], q_pe: [B, H, 1, rope] (pre-scaled), keys / values: [B, 1, SB, r] /
-    # [B, 1, SB, rope], bias: [1, 1, H, SB] -> [B, H, 1, r]
-    B, H, L, r = q.shape
-    pe = mx.addmm(bias, q_pe.reshape(B, 1, H * L, -1), values.swapaxes(-1, -2))  # [B, 1, H, SB]
-    scores = mx.addmm(pe, q.reshape(B, 1, H * L, r), keys.swapaxes(-1, -2), alpha=scale)
-    out = mx.softmax(scores, axis=-1, precise=True) @ keys  # [B, 1, H, r]
-    return out.reshape(B, H, L, r)
+    latent rows, k_pe = values. The heads are rows of one matrix (the layout that
+    MLAttention.absorbed_queries(rows=True) gives and absorbed_output(rows=True) takes)."""
+    # q: [B, 1, H, r], q_pe: [B, 1, H, rope] (pre-scaled), keys / values: [B, 1, SB, r] /
+    # [B, 1, SB, rope], bias: [1, 1, H, SB] -> [B, 1, H, r]
+    pe = mx.addmm(bias, q_pe, values.swapaxes(-1, -2))  # [B, 1, H, SB]
+    scores = mx.addmm(pe, q, keys.swapaxes(-1, -2), alpha=scale)
+    return mx.softmax(scores, axis=-1, precise=True) @ keys

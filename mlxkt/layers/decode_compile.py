@@ -20,6 +20,7 @@ load(compile=...)) overrides.
 """
 
 import contextlib
+from functools import partial
 
 import mlx.core as mx
 
@@ -78,16 +79,17 @@ class CompiledDecode:
         self.steps = steps or StepArrays()
 
         # attn.fold_norms is read when a shape is traced (the bench's "no-fold" sets it first).
-        def pre(x, offset):
+        # rows: the queries and the attention's output in cache_buffer's layout.
+        def pre(x, offset, rows):
             if not attn.fold_norms:
-                return attn.absorbed_queries(layer.input_layernorm(x), offset)
-            return attn.absorbed_queries(x, offset, norm=layer.input_layernorm)
+                return attn.absorbed_queries(layer.input_layernorm(x), offset, rows=rows)
+            return attn.absorbed_queries(x, offset, norm=layer.input_layernorm, rows=rows)
 
-        def post(out, x):
+        def post(out, x, rows):
             if not attn.fold_norms:
-                h = x + attn.absorbed_output(out)
+                h = x + attn.absorbed_output(out, rows=rows)
                 return h + layer.mlp(layer.post_attention_layernorm(h))
-            h = attn.absorbed_output(out, residual=x)
+            h = attn.absorbed_output(out, residual=x, rows=rows)
             if isinstance(layer.mlp, DeepseekMoE):  # norm with the router, residual in stage 2
                 return layer.mlp(h, residual=h, norm=layer.post_attention_layernorm)
             n = layer.post_attention_layernorm(h)
@@ -95,8 +97,8 @@ class CompiledDecode:
                 return layer.mlp(n, residual=h)
             return h + layer.mlp(n)
 
-        self.pre = mx.compile(pre)
-        self.post = mx.compile(post)
+        self.pre = {r: mx.compile(partial(pre, rows=r)) for r in (False, True)}
+        self.post = {r: mx.compile(partial(post, rows=r)) for r in (False, True)}
         # Traced once per cache buffer size (the valid length rides in `meta`).
         self.kernel_attend = {}
         # ((buffer rows, static write), its compiled piece of cache_buffer): only the current
@@ -116,20 +118,21 @@ class CompiledDecode:
         n = cache.offset
         # Shape (1,): what the MLA prologue kernel reads (a scalar would need a reshape node).
         pos = self.steps.get(n, "offset", lambda: mx.array([n], dtype=mx.int32))
-        q_lat, q_pe, latent, k_pe = self.pre(x, pos)
         if self.buffer_step(cache, mask, L):
-            return self.post(self.attend_buffer(q_lat, q_pe, latent, k_pe, cache, pos), x)
+            q_lat, q_pe, latent, k_pe = self.pre[True](x, pos)
+            return self.post[True](self.attend_buffer(q_lat, q_pe, latent, k_pe, cache, pos), x)
+        q_lat, q_pe, latent, k_pe = self.pre[False](x, pos)
         latent, k_pe = cache.update_and_fetch(latent, k_pe)  # [B, 1, S, *]
         use = self.attn.decode_kernel(q_lat, q_pe, cache, mask,
                                       lambda key, make: self.steps.get(n, key, make))
         if use is None:
-            return self.post(self.attn.attend_padded(q_lat, q_pe, cache, latent, k_pe, mask), x)
+            return self.post[False](self.attn.attend_padded(q_lat, q_pe, cache, latent, k_pe, mask), x)
         backend, meta = use
         if backend not in self.kernel_attend:
             self.kernel_attend[backend] = mx.compile(
                 lambda q, qpe, kv, kpe, m: self.attn.kernel_attend(q, qpe, kv, kpe, m, backend))
         out = self.kernel_attend[backend](q_lat, q_pe, cache.keys, cache.values, meta)
-        return self.post(out, x)
+        return self.post[False](out, x)
 
     def buffer_step(self, cache, mask, L) -> bool:
         """Whether this step attends over the cache buffer (cache_buffer.py): one token into
@@ -139,7 +142,8 @@ class CompiledDecode:
                 and decode_kernel_backend(attn.mla_kernel, cache.offset + L) is None)
 
     def attend_buffer(self, q_lat, q_pe, latent, k_pe, cache, pos):
-        """The new entries written at pos, attention over the whole buffer: [B, H, 1, r]."""
+        """The new entries written at pos, attention over the whole buffer.
+        q_lat / q_pe: [B, 1, H, *] -> [B, 1, H, r]"""
         n, L = cache.offset, latent.shape[2]
         cache_buffer.reserve(cache, latent, k_pe)
         rows, static = cache.keys.shape[2], self.attn.static_cache_write
@@ -147,7 +151,7 @@ class CompiledDecode:
             scale = self.attn.scale
             piece = cache_buffer.attend_buffer if static else cache_buffer.write_and_attend
             self.buffered = ((rows, static), mx.compile(lambda *a: piece(*a, scale=scale)))
-        H = q_pe.shape[1]
+        H = q_pe.shape[2]
         bias = self.steps.get(n, ("bias", rows, H),
                               lambda: cache_buffer.key_bias(rows, H, q_pe.dtype)(pos), copy=False)
         if static:  # eager writes at a known offset (SliceUpdate), only the attention compiled

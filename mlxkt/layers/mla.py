@@ -23,7 +23,7 @@ from .cpu_heads import split_heads
 from . import mla_scores
 from .key_padding import padded_keys
 from .fused_rows import split_call
-from .qlinear import KernelQuantizedLinear, norm_linear
+from .qlinear import KernelQuantizedLinear, heads_linear, norm_linear
 
 # Query lengths up to this use the absorbed path.
 ABSORB_MAX_L = 16
@@ -31,6 +31,12 @@ ABSORB_MAX_L = 16
 # small: 1 GiB per bf16 array of them (the path holds a few at once: rope scores, products,
 # softmax), 512 query rows over 8192 keys at DeepSeek-V3's 128 heads.
 EXPLICIT_MAX_SCORES = 1 << 29
+
+
+def as_rows(a: mx.array, B: int) -> mx.array:
+    """[B, H, L, *] -> [B, 1, H * L, *] (no node when it already is: MLX makes one for any
+    reshape, even to the same shape)."""
+    return a if a.ndim == 4 and a.shape[1] == 1 else a.reshape(B, 1, -1, a.shape[-1])
 
 
 def explicit_attention() -> bool:
@@ -189,22 +195,32 @@ class MLAttention(nn.Module):
             x, norm = norm(x), None  # once, not per projection
         return norm_linear(first, x, norm), norm_linear(self.kv_a_proj_with_mqa, x, norm)
 
-    def absorbed_queries(self, x: mx.array, offset=0, norm=None):
+    def absorbed_queries(self, x: mx.array, offset=0, norm=None, rows=False):
         """project() with the queries moved into latent space (decode, MTP verification).
-        x: [B, L, D] -> q_lat [B, H, L, r], q_pe (pre-scaled) [B, H, L, rope], latent, k_pe"""
+        x: [B, L, D] -> q_lat [B, H, L, r], q_pe (pre-scaled) [B, H, L, rope], latent, k_pe.
+        rows: q_lat and q_pe as [B, 1, H * L, *] instead (cache_buffer's layout), which the
+        kernels write directly for one sequence: no reshape nodes."""
+        B, L, _ = x.shape
         q, kv = self.projections(x, norm)
-        fast = self.prepared(q, kv, offset)
+        fast = self.prepared(q, kv, offset, rows)
         if fast is None:
             q_nope, q_pe, latent, k_pe = self.split_rope(q, kv, offset)
-            return self.embed_q(q_nope), q_pe * self.scale, latent, k_pe
-        q_nope, q_pe, latent, k_pe = fast  # q_pe comes scaled
-        if q_nope.ndim == 3:  # [H, L, nope] (one sequence): no broadcasts in embed_q's matmul
-            return self.embed_q(q_nope)[None], q_pe, latent, k_pe
-        return self.embed_q(q_nope), q_pe, latent, k_pe
+            q_lat, q_pe = self.embed_q(q_nope), q_pe * self.scale
+        else:
+            q_nope, q_pe, latent, k_pe = fast  # q_pe comes scaled
+            if q_nope.ndim == 3 and rows:  # [H, L, nope] (one sequence)
+                q_lat = heads_linear(self.embed_q, q_nope, (1, 1, q_nope.shape[0] * L, None))
+            elif q_nope.ndim == 3:  # no broadcasts in embed_q's matmul
+                q_lat = self.embed_q(q_nope)[None]
+            else:
+                q_lat = self.embed_q(q_nope)
+        if rows:
+            q_lat, q_pe = as_rows(q_lat, B), as_rows(q_pe, B)
+        return q_lat, q_pe, latent, k_pe
 
-    def prepared(self, q, kv, offset):
+    def prepared(self, q, kv, offset, rows=False):
         """split_rope(q, kv, offset) with q_pe times the softmax scale, by the MLA prologue
-        kernel (one launch) when it applies, else None."""
+        kernel (one launch) when it applies, else None. rows: q_pe as [B, 1, H * L, rope]."""
         backend = prep_backend(self.prep_kernel)
         H, nope, P = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         if backend is None or self.prep_rope is None or mla_prep.unsupported(
@@ -215,7 +231,7 @@ class MLAttention(nn.Module):
         if not prep_ready(backend, sig):
             return None
         return mla_prep.mla_prep(q, kv, self.kv_a_layernorm, offset, self.prep_rope, H, nope, P,
-                                 self.scale, backend)
+                                 self.scale, backend, rows)
 
     def attend(self, q, q_pe, k, v, k_pe, mask=None, valid=None):
         """SDPA of q over (k, v) plus the rope scores q_pe . k_pe, which ride in as the
@@ -281,8 +297,14 @@ class MLAttention(nn.Module):
         scale = mla_decode.scale_array(self.scale)
         return mla_decode.mla_decode(q_lat, q_pe, kv, kpe, meta, scale, backend)
 
-    def absorbed_output(self, out: mx.array, residual=None) -> mx.array:
-        # out: [B, H, L, r] over the latent -> [B, L, D] (+ residual, in o_proj's launch)
+    def absorbed_output(self, out: mx.array, residual=None, rows=False) -> mx.array:
+        # out: [B, H, L, r] over the latent (rows: [B, 1, H * L, r]) -> [B, L, D] (+ residual,
+        # in o_proj's launch)
+        if rows and out.shape[0] == 1 and out.shape[2] == self.num_heads:  # one token
+            out = heads_linear(self.unembed_out, out, (1, 1, None))  # [1, 1, H * v]
+            return norm_linear(self.o_proj, out, residual=residual)
+        if rows:
+            out = out.reshape(out.shape[0], self.num_heads, -1, out.shape[-1])
         B, H, L, r = out.shape
         if B == 1:  # per-head matmul over [H, L, r]: no broadcast nodes (3 of them at 4D)
             out = self.unembed_out(out.reshape(H, L, r))  # [H, L, v]

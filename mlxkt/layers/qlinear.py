@@ -6,6 +6,7 @@ caller hand the RMSNorm before a linear and the residual after it to the kernel,
 folds both into its launch.
 """
 
+import math
 from typing import Optional
 
 import mlx.nn as nn
@@ -43,9 +44,10 @@ class KernelQuantizedMultiLinear(QuantizedMultiLinear):
     def unwrap(self) -> QuantizedMultiLinear:
         return multi_like(self, QuantizedMultiLinear)
 
-    def __call__(self, x, transpose=True):
-        # x: [H, L, in] -> [H, L, out] (the kernel's case); other shapes as MLX computes them
-        return multi_linear(self, x, transpose)
+    def __call__(self, x, transpose=True, shape=None):
+        # x: [H, L, in] -> [H, L, out] (the kernel's case); other shapes as MLX computes them;
+        # shape: see dispatch.multi_linear
+        return multi_linear(self, x, transpose, shape)
 
 
 def multi_like(layer, cls):
@@ -57,6 +59,19 @@ def multi_like(layer, cls):
     new.group_size, new.bits, new.mode = layer.group_size, layer.bits, layer.mode
     new.freeze()
     return new
+
+
+def heads_linear(layer, x, shape):
+    """A per-head linear (MLA's embed_q / unembed_out, weight [H, O, in]) of x holding
+    [H, L, in] in order, as `shape` (one None: whatever that leaves): where the lanes kernel
+    runs it declares that shape, so neither side makes a reshape node (MLX's host works on
+    every node of a step)."""
+    H, O = layer.weight.shape[:2]
+    known = math.prod(d for d in shape if d is not None)
+    shape = tuple(x.size // x.shape[-1] * O // known if d is None else d for d in shape)
+    if isinstance(layer, KernelQuantizedMultiLinear):
+        return layer(x, shape=shape)
+    return layer(x.reshape(H, -1, x.shape[-1])).reshape(shape)
 
 
 def norm_linear(layer, x, norm=None, residual=None):
