@@ -139,15 +139,37 @@ def test_buffer_steps_on_the_gpu_agree_with_the_valid_keys_path(static):
         assert mx.array_equal(a.argmax(-1), b.argmax(-1)).item()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(mx.default_device().type != mx.DeviceType.gpu, reason="needs a GPU")
-def test_the_rows_layout_drops_the_view_nodes_around_the_attention():
+@pytest.fixture
+def kernels_here(monkeypatch):
+    """The GPU's kernels, or on a machine without one their C++ emulation (kernels/emulate.py:
+    their outputs come evaluated, but shaped as the GPU kernels declare them)."""
+    from mlxkt.kernels import dispatch, emulate
+    from mlxkt.layers import mla
+
+    checks = (dispatch.lanes_ready, mla.prep_ready)
+    if dispatch.gpu_backend() is None:
+        if not emulate.available():
+            pytest.skip("needs a GPU or g++ (C++20)")
+        for module in (dispatch, mla):
+            monkeypatch.setattr(module, "gpu_backend", lambda: "cpu")
+        monkeypatch.setenv("MLXKT_MLA_PREP", "1")
+        for f in checks:  # no verdicts of the real backend's checks
+            f.cache_clear()
+    yield
+    for f in checks:
+        f.cache_clear()
+
+
+def test_the_rows_layout_drops_the_view_nodes_around_the_attention(kernels_here):
     """With the kernels, a buffer step's queries come as the attention's rows and its output
-    goes to unembed_out as it is: 3 view nodes fewer per layer here, 3 more inside the
-    attention (MLX's host spends ~3 µs on every node of a step)."""
+    goes to unembed_out as it is: no view nodes (the [B, H, L, *] layout has an expand and
+    two reshapes here, three reshapes more in the attention; on a GPU, where nothing comes
+    evaluated, 6 view nodes a layer; MLX's host spends ~3 µs on every node of a step)."""
     from mlxkt.bench.measure import graph_ops
+    from mlxkt.inject import optimize
 
     model = quantized_tiny()
+    optimize(model, rules=(), linears=True)  # the kernels' linears, as the loader makes them
     set_compiled_decode(model)
     attn = model.layers[0].self_attn
     x, pos = model.model.embed_tokens(mx.array([[3]])), mx.array([5], mx.int32)
@@ -162,7 +184,7 @@ def test_the_rows_layout_drops_the_view_nodes_around_the_attention():
         ops = graph_ops(q_lat) + graph_ops(q_pe) + graph_ops(
             attn.absorbed_output(out, residual=x, rows=rows))
         views[rows] = sum(op in ("Reshape", "ExpandDims") for op in ops)
-    assert views[True] + 3 <= views[False]
+    assert views[True] == 0 < views[False]
 
 
 def test_the_attention_adds_no_broadcast_nodes():

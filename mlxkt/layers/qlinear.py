@@ -71,7 +71,9 @@ def heads_linear(layer, x, shape):
     shape = tuple(x.size // x.shape[-1] * O // known if d is None else d for d in shape)
     if isinstance(layer, KernelQuantizedMultiLinear):
         return layer(x, shape=shape)
-    return layer(x.reshape(H, -1, x.shape[-1])).reshape(shape)
+    if x.ndim != 3 or x.shape[0] != H:  # MLX makes a node for any reshape
+        x = x.reshape(H, -1, x.shape[-1])
+    return layer(x).reshape(shape)
 
 
 def norm_linear(layer, x, norm=None, residual=None):
