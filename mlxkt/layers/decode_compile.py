@@ -126,7 +126,8 @@ class CompiledDecode:
         use = self.attn.decode_kernel(q_lat, q_pe, cache, mask,
                                       lambda key, make: self.steps.get(n, key, make))
         if use is None:
-            return self.post[False](self.attn.attend_padded(q_lat, q_pe, cache, latent, k_pe, mask), x)
+            out = self.attn.attend_padded(q_lat, q_pe, cache, latent, k_pe, mask)
+            return self.post[False](out, x)
         backend, meta = use
         if backend not in self.kernel_attend:
             self.kernel_attend[backend] = mx.compile(
