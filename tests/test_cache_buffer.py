@@ -174,17 +174,20 @@ def test_the_rows_layout_drops_the_view_nodes_around_the_attention(kernels_here)
     attn = model.layers[0].self_attn
     x, pos = model.model.embed_tokens(mx.array([[3]])), mx.array([5], mx.int32)
     mx.eval(x, pos)
-    views = {}
+    views, values = {}, {}
     for rows in (False, True):
         attn.absorbed_queries(x, pos, rows=rows)  # first calls check the kernels
         q_lat, q_pe, _, _ = attn.absorbed_queries(x, pos, rows=rows)
-        out = mx.zeros(q_lat.shape, q_lat.dtype)
+        out = mx.arange(q_lat.size, dtype=q_lat.dtype).reshape(q_lat.shape) / q_lat.size
         mx.eval(out)
         assert q_pe.shape[1:3] == ((1, attn.num_heads) if rows else (attn.num_heads, 1))
-        ops = graph_ops(q_lat) + graph_ops(q_pe) + graph_ops(
-            attn.absorbed_output(out, residual=x, rows=rows))
-        views[rows] = sum(op in ("Reshape", "ExpandDims") for op in ops)
+        y = attn.absorbed_output(out, residual=x, rows=rows)
+        views[rows] = sum(op in ("Reshape", "ExpandDims")
+                          for op in graph_ops(q_lat) + graph_ops(q_pe) + graph_ops(y))
+        values[rows] = [a.reshape(-1) for a in (q_lat, q_pe, y)]
     assert views[True] == 0 < views[False]
+    for a, b in zip(values[False], values[True]):  # the same numbers in either layout
+        assert mx.array_equal(a, b).item()
 
 
 def test_the_attention_adds_no_broadcast_nodes():
