@@ -12,9 +12,8 @@ past the position masked by an additive bias that the step makes once for all it
 Shapes change only when the buffer grows, so each layer's piece is traced once per buffer
 size. (write_and_attend, the write inside the compiled piece at a position held in an
 array, copies the buffer, since a compiled function's inputs are not donated: on an H200
-13 µs a write at 1K keys against 2 µs in place.) The buffer's
-row count is a multiple of 256, which also keeps cuBLAS on its aligned kernels
-(layers/key_padding.py).
+13 µs a write at 1K keys against 2 µs in place.) The buffer's row count is a multiple of
+256, which also keeps cuBLAS on its aligned kernels (layers/key_padding.py).
 """
 
 from functools import lru_cache

@@ -8,8 +8,8 @@ their elementwise ops and traces them once per shape):
   post: latent -> heads -> o_proj, residual, post-attention norm, MoE or MLP, residual.
 The RMSNorms before the q/kv projections and both residual adds ride in the GEMV and expert
 kernels' launches (norm_linear, RoutedExperts' residual): four kernels fewer per layer.
-Between them, a one-token step writes the cache in place and attends over its whole buffer
-in a third compiled piece, traced once per buffer size (layers/cache_buffer.py; on CUDA);
+Between them, a one-token step writes the cache in place, then attends over its whole
+buffer in a third compiled piece, traced once per buffer size (layers/cache_buffer.py; on CUDA);
 otherwise the cache update and attention stay eager, since their shapes grow. The MLA
 decode kernels (kernels/mla_decode.py) read the whole cache buffer too, so their call is
 compiled, traced once per buffer size.

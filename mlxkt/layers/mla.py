@@ -33,10 +33,10 @@ ABSORB_MAX_L = 16
 EXPLICIT_MAX_SCORES = 1 << 29
 
 
-def as_rows(a: mx.array, B: int) -> mx.array:
+def as_rows(a: mx.array) -> mx.array:
     """[B, H, L, *] -> [B, 1, H * L, *] (no node when it already is: MLX makes one for any
     reshape, even to the same shape)."""
-    return a if a.ndim == 4 and a.shape[1] == 1 else a.reshape(B, 1, -1, a.shape[-1])
+    return a if a.shape[1] == 1 else a.reshape(a.shape[0], 1, -1, a.shape[-1])
 
 
 def explicit_attention() -> bool:
@@ -200,7 +200,7 @@ class MLAttention(nn.Module):
         x: [B, L, D] -> q_lat [B, H, L, r], q_pe (pre-scaled) [B, H, L, rope], latent, k_pe.
         rows: q_lat and q_pe as [B, 1, H * L, *] instead (cache_buffer's layout), which the
         kernels write directly for one sequence: no reshape nodes."""
-        B, L, _ = x.shape
+        L = x.shape[1]
         q, kv = self.projections(x, norm)
         fast = self.prepared(q, kv, offset, rows)
         if fast is None:
@@ -215,7 +215,7 @@ class MLAttention(nn.Module):
             else:
                 q_lat = self.embed_q(q_nope)
         if rows:
-            q_lat, q_pe = as_rows(q_lat, B), as_rows(q_pe, B)
+            q_lat, q_pe = as_rows(q_lat), as_rows(q_pe)
         return q_lat, q_pe, latent, k_pe
 
     def prepared(self, q, kv, offset, rows=False):
