@@ -37,7 +37,7 @@ for s in $STEPS; do
     tests) # GPU test files in ${SHARDS:-4} parallel pytest processes (NVRTC compiles are
         # CPU-bound and the kernel tests compile one variant each): shard i runs every
         # SHARDS-th test; logs tests-i.log, a summary in tests.log.
-        files="tests/test_loader_utils.py tests/test_cpu_heads.py tests/test_mtp.py tests/test_kernels_gpu.py tests/test_qgemv.py tests/test_router_kernel.py tests/test_decode_compile.py tests/test_expert_segments.py tests/test_distributed.py tests/test_mla_decode.py tests/test_mla_prep.py tests/test_gate_norm.py tests/test_key_padding.py tests/test_qgemv_lanes.py tests/test_generate.py tests/test_cache_buffer.py"
+        files="tests/test_loader_utils.py tests/test_cpu_heads.py tests/test_mtp.py tests/test_kernels_gpu.py tests/test_qgemv.py tests/test_router_kernel.py tests/test_decode_compile.py tests/test_expert_segments.py tests/test_distributed.py tests/test_mla_decode.py tests/test_mla_prep.py tests/test_mla_queries.py tests/test_gate_norm.py tests/test_key_padding.py tests/test_qgemv_lanes.py tests/test_generate.py tests/test_cache_buffer.py"
         python3 -m pytest --collect-only -q -p no:cacheprovider $files 2>/dev/null | grep '::' > "$OUT/tests-ids.txt"
         n=${SHARDS:-4}
         echo "=== tests: $(wc -l < "$OUT/tests-ids.txt") tests in $n shards ($(date +%T))"

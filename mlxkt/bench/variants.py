@@ -219,6 +219,8 @@ VARIANTS = {
     "moe-xs3": _moe_launch(nw=(4, 3)),
     "no-fold": _attention_switch("fold_norms", False),
     "no-mla-prep": _attention_switch("prep_kernel", False),
+    "no-mla-queries": _attention_switch("queries_kernel", False),
+    "mla-queries": _attention_switch("queries_kernel", True),
     "mla-prep": _attention_switch("prep_kernel", True),
     "no-pad-keys": _attention_switch("pad_keys", False),
     "no-lanes": _attention_switch("lanes", False, KernelQuantizedMultiLinear),

@@ -17,6 +17,7 @@ from .reference import routed_experts_reference
 from .gate_norm import selftest as gate_norm_selftest
 from .mla_decode import selftest as mla_selftest
 from .mla_prep import selftest as prep_selftest
+from .mla_queries import selftest as queries_selftest
 from .qgemv import selftest as gemv_selftest
 from .qgemv_lanes import selftest as lanes_selftest
 from .router import selftest as router_selftest
@@ -150,6 +151,7 @@ def selftest(shapes=None, bits=(4, 8), tokens=(1, 4), experts=None, echo=print):
     rows += gemv_selftest(backend, echo)
     rows += lanes_selftest(backend, echo)
     rows += prep_selftest(backend, echo)
+    rows += queries_selftest(backend, echo)
     rows += gate_norm_selftest(backend, echo)
     rows += mla_selftest(backend, echo)
     return rows

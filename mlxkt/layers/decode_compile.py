@@ -112,8 +112,10 @@ class CompiledDecode:
             return None
         if L not in self.primed:
             # The first call per shape runs eagerly, so kernels that check themselves once
-            # (mlxkt.kernels) do it outside a trace.
+            # (mlxkt.kernels) do it outside a trace: the eager layer checks its own, and the
+            # MLA queries kernel, which only the compiled step runs, is checked here.
             self.primed.add(L)
+            self.attn.one_launch_backend(x)
             return None
         n = cache.offset
         # Shape (1,): what the MLA prologue kernel reads (a scalar would need a reshape node).

@@ -17,7 +17,7 @@ from mlx_lm.models.rope_utils import apply_yarn_mscale, initialize_rope
 
 from ..config import ModelArgs
 from ..device import env_switch
-from ..kernels import mla_decode, mla_prep
+from ..kernels import mla_decode, mla_prep, mla_queries
 from ..kernels.dispatch import checked, gpu_backend, kernels_enabled, probe_tolerance
 from .cpu_heads import split_heads
 from . import mla_scores
@@ -94,6 +94,9 @@ class MLAttention(nn.Module):
     fold_norms: bool = True
     # None: mla_prep.enabled decides (CUDA); False/True: the MLA prologue kernel never/on a GPU.
     prep_kernel: Optional[bool] = None
+    # None: mla_queries.backend_for decides (CUDA); False/True: a one-token step's q_b_proj,
+    # prologue and embed_q never / always (on a GPU) in the one launch of the MLA queries kernel.
+    queries_kernel: Optional[bool] = None
     # None: key_padding decides (CUDA, long caches); False/True: never/always.
     pad_keys: Optional[bool] = None
     # None: mla_scores decides (CUDA); False/True: decode scores by SDPA / by one addmm.
@@ -201,6 +204,10 @@ class MLAttention(nn.Module):
         rows: q_lat and q_pe as [B, 1, H * L, *] instead (cache_buffer's layout), which the
         kernels write directly for one sequence: no reshape nodes."""
         L = x.shape[1]
+        if rows:
+            fast = self.one_launch_queries(x, offset, norm)
+            if fast is not None:
+                return fast
         q, kv = self.projections(x, norm)
         fast = self.prepared(q, kv, offset, rows)
         if fast is None:
@@ -217,6 +224,38 @@ class MLAttention(nn.Module):
         if rows:
             q_lat, q_pe = as_rows(q_lat), as_rows(q_pe)
         return q_lat, q_pe, latent, k_pe
+
+    def one_launch_backend(self, x) -> Optional[str]:
+        """The backend whose MLA queries kernel (kernels/mla_queries.py) takes
+        absorbed_queries(x, rows=True), or None. Its one-time check runs at the first call
+        for a signature: outside any trace (compiled decode calls this at its eager first step)."""
+        fused = self.__dict__.get("fused_rows")
+        if fused is None or x.size != x.shape[-1] or self.q_lora_rank is None:
+            return None
+        backend = mla_queries.backend_for(self.queries_kernel)
+        H, nope, P = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        if backend is None or fused.weight.shape[0] != self.q_lora_rank + self.kv_lora_rank + P:
+            return None
+        if mla_queries.unsupported(x, self.q_b_proj, self.q_a_layernorm, self.embed_q,
+                                   self.kv_a_layernorm, self.prep_rope, H, nope, P):
+            return None
+        sig = (H, self.q_lora_rank, nope, P, self.kv_lora_rank,
+               mla_queries.quant_params(self.q_b_proj), mla_queries.embed_quant(self.embed_q),
+               x.dtype, self.prep_rope.traditional)
+        return backend if mla_queries.ready(backend, sig) else None
+
+    def one_launch_queries(self, x, offset, norm=None):
+        """absorbed_queries(x, offset, norm, rows=True) of one token of one sequence with all
+        that follows the stacked down projections in one launch, or None where the MLA
+        queries kernel does not apply."""
+        backend = self.one_launch_backend(x)
+        if backend is None:
+            return None
+        a = norm_linear(self.__dict__["fused_rows"], x, norm)  # [1, 1, q_a + latent + rope]
+        return mla_queries.mla_queries(a, self.q_b_proj, self.q_a_layernorm, self.embed_q,
+                                       self.kv_a_layernorm, self.prep_rope, offset,
+                                       self.num_heads, self.qk_nope_head_dim,
+                                       self.qk_rope_head_dim, self.scale, backend)
 
     def prepared(self, q, kv, offset, rows=False):
         """split_rope(q, kv, offset) with q_pe times the softmax scale, by the MLA prologue
