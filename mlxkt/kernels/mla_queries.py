@@ -22,7 +22,8 @@ from . import sources
 from .dispatch import checked, gpu_backend, kernels_enabled, probe_tolerance
 from .mla_prep import Rope, positions, rope_table
 from .moe import FLOAT_TYPES, float_bits, kernel_fn
-from .qgemv import quant_params, row_pieces
+from .qgemv import _float32_copy, quant_params
+from .qgemv_lanes import row_lanes
 
 SPEC = sources.KernelSpec(
     name="mlxkt_mla_queries",
@@ -46,16 +47,6 @@ def backend_for(forced: Optional[bool] = None) -> Optional[str]:
     return backend if (backend == "cuda" if on is None else on) else None
 
 
-def lanes(D: int, bits: int, gs: int) -> tuple:
-    """(words per piece, lanes per row) for rows of D inputs: 16-byte pieces where a group
-    holds them, as many lanes as split the pieces evenly with at most 8 each."""
-    wp, pieces = row_pieces(D, bits, gs)
-    fit = [n for n in (32, 16, 8, 4, 2, 1) if pieces % n == 0 and pieces // n <= 8]
-    if not fit:
-        raise ValueError(f"{pieces} pieces a row do not split over one warp's lanes")
-    return wp, fit[0]
-
-
 def unsupported(x, q_b_proj, q_norm, embed_q, kv_norm, rope: Optional[Rope], H, nope, P) -> str:
     """Why the kernel cannot take a step of the activations x ("" when it can)."""
     if x.dtype not in FLOAT_TYPES or x.size != x.shape[-1]:
@@ -73,7 +64,7 @@ def unsupported(x, q_b_proj, q_norm, embed_q, kv_norm, rope: Optional[Rope], H, 
     if q_b_proj.weight.shape[0] != H * (nope + P) or embed_q.weight.shape[:2] != (H, R):
         return "weight shapes"
     try:
-        lanes(QA, *qb), lanes(nope, *qe)
+        row_lanes(QA, *qb), row_lanes(nope, *qe)
     except ValueError as e:
         return str(e)
     return ""
@@ -96,7 +87,7 @@ def launch(H, QA, nope, P, R, qb, qe, dtype, scale_dtype, traditional, scale, ro
     """qb / qe: (bits, group size) of q_b_proj / embed_q; config: (("nw", n), ("rq", n)) to
     override the warps per block and q_b_proj's rows per lane group a pass."""
     cfg = {"nw": WARPS, "rq": ROWS_Q, **dict(config)}
-    (wq, lq), (we, le) = lanes(QA, *qb), lanes(nope, *qe)
+    (wq, lq), (we, le) = row_lanes(QA, *qb), row_lanes(nope, *qe)
     cfg["re"] = -(-R // (cfg["nw"] * 32 // le))  # embed_q in one pass
     return dict(
         template=[("H", H), ("QA", QA), ("NOPE", nope), ("P", P), ("R", R), ("NW", cfg["nw"]),
@@ -172,12 +163,10 @@ def random_problem(H, QA, nope, P, R, qb=(4, 64), qe=(4, 64), dtype=mx.float32, 
 
 def float32(a, q_b_proj, q_norm, embed_q, kv_norm):
     """A problem's arrays in float32 (weights stay packed), for the reference."""
-    from .qgemv import linear_like
     from ..layers.qlinear import multi_like  # the layers import the kernels
 
     f32 = mx.float32
-    qb = linear_like(q_b_proj, scales=q_b_proj.scales.astype(f32),
-                     biases=q_b_proj.biases.astype(f32))
+    qb = _float32_copy(q_b_proj)
     qe = multi_like(embed_q, type(embed_q))
     qe.scales, qe.biases = embed_q.scales.astype(f32), embed_q.biases.astype(f32)
     norms = []

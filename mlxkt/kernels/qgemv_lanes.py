@@ -41,15 +41,23 @@ def launch_config(D, bits, gs, rows, tokens=1, lpr=None, rpl=None, nw=None, wp=N
     shrunk until a block fits the head. ValueError when no block does."""
     if tokens > MAX_TOKENS:
         raise ValueError(f"{tokens} tokens: the kernel takes at most {MAX_TOKENS}")
-    wp, pr = row_pieces(D, bits, gs, wp)
-    lpr = lpr or max(n for n in (1, 2, 4, 8, 16, 32) if pr % n == 0)
-    if pr % lpr or 32 % lpr or pr // lpr > 8:
-        raise ValueError(f"{lpr} lanes per row do not split {pr} pieces (at most 8 a lane)")
+    wp, lpr = row_lanes(D, bits, gs, wp, lpr)
     for n, r in ([(nw, rpl)] if nw and rpl else
                  [(nw or a, rpl or b) for a, b in ((2, 4), (2, 2), (2, 1), (1, 1))]):
         if rows % (n * (32 // lpr) * r) == 0:
             return {"lpr": lpr, "rpl": r, "nw": n, "wp": wp}
     raise ValueError(f"no block of lane groups tiles {rows} rows")
+
+
+def row_lanes(D, bits, gs, wp=None, lpr=None) -> tuple:
+    """(words per piece, lanes per row) for rows of D inputs: the largest piece inside a group
+    by default, and as many lanes as divide the row's pieces (up to 32, at most 8 pieces a
+    lane). ValueError when they do not split."""
+    wp, pr = row_pieces(D, bits, gs, wp)
+    lpr = lpr or max(n for n in (1, 2, 4, 8, 16, 32) if pr % n == 0)
+    if pr % lpr or 32 % lpr or pr // lpr > 8:
+        raise ValueError(f"{lpr} lanes per row do not split {pr} pieces (at most 8 a lane)")
+    return wp, lpr
 
 
 def short_rows(D, bits, gs) -> bool:
